@@ -1,0 +1,527 @@
+"""
+CLIP ViT (OpenAI weights) written out by hand, with the CLIP Surgery dense path that TagAlign uses.
+
+Run it:
+    python clip_model.py                                   # built-in test picture, zero-shot probabilities
+    python clip_model.py --image photo.jpg --texts "a dog,a cat"
+    python clip_model.py --image photo.jpg --texts "a dog,a cat" --checkpoint /path/to/ViT-B-16.pt
+
+What is in here (paper references are to arXiv 2312.14149 unless said otherwise):
+- The CLIP ViT image encoder and causal text transformer of Radford et al. 2021, with OpenAI's parameter
+  names so that the released checkpoint loads by identity (`build_model`, `load`).
+- The byte-level BPE tokenizer (`SimpleTokenizer`, `tokenize`), identical ids to OpenAI's.
+- Dense features at any input size (a multiple of the patch size) with bicubic positional-embedding
+  interpolation computed on the fly.
+- CLIP Surgery's dual path (Li et al. 2023) as TagAlign wires it (SPEC section 2): in the last N blocks a
+  second residual stream x_new accumulates v-v attention softmax(v v^T / sqrt(d)) v, while the original
+  stream x_ori runs unchanged; the 768-d x_new patch tokens before ln_post are TagAlign's dense input (Sec. 3.2).
+"""
+import argparse
+import gzip
+import hashlib
+import html
+import os
+import sys
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import ftfy
+import regex
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BPE_PATH = os.path.join(HERE, "data", "bpe_simple_vocab_16e6.txt.gz")
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # TagAlign trains/evaluates with these
+MODELS = {  # the SHA-256 of each file is the second-to-last part of its URL
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+}
+# Entries of OpenAI's TorchScript state dict that are not weights.
+NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE (Sennrich et al. 2016 on UTF-8 bytes, as in GPT-2), with OpenAI's cleaning.
+
+@lru_cache()
+def bytes_to_unicode():
+    """Map each of the 256 bytes to a printable unicode character, so BPE works on strings without
+    whitespace/control characters. Printable latin-1 bytes map to themselves, the rest to 256+."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in keep]
+    # Order matters: the vocabulary lists the printable bytes first, then the others (ids 0..255).
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def clean_text(text):
+    """OpenAI's cleaning: fix mojibake, unescape HTML (twice, for double-escaped text), collapse whitespace,
+    lower case."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
+class SimpleTokenizer:
+    SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+
+    def __init__(self, bpe_path=BPE_PATH):
+        if not os.path.exists(bpe_path):
+            raise FileNotFoundError(f"BPE vocabulary not found at {bpe_path}; it ships in the repository's data/ folder "
+                                    "(see README: data/bpe_simple_vocab_16e6.txt.gz)")
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # lines 1..48894; line 0 is a header
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [self.SOT, self.EOT]
+        self.encoder = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder = {i: tok for tok, i in self.encoder.items()}
+        self.merge_rank = {m: i for i, m in enumerate(merges)}
+        self.sot_token, self.eot_token = self.encoder[self.SOT], self.encoder[self.EOT]
+        self.cache = {self.SOT: self.SOT, self.EOT: self.EOT}
+        self.pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                                     regex.IGNORECASE)
+
+    def bpe(self, token):
+        """Greedily apply the lowest-ranked merge until none applies; the last symbol carries '</w>'."""
+        if token in self.cache:
+            return self.cache[token]
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = set(zip(word[:-1], word[1:]))
+            best = min(pairs, key=lambda p: self.merge_rank.get(p, float("inf")))
+            if best not in self.merge_rank:
+                break
+            merged, i = [], 0
+            while i < len(word):  # merge every non-overlapping occurrence, left to right
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        out = " ".join(word)
+        self.cache[token] = out
+        return out
+
+    def encode(self, text):
+        ids = []
+        for piece in self.pattern.findall(clean_text(text)):
+            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self.bpe(piece).split(" "))
+        return ids
+
+    def decode(self, ids):
+        text = "".join(self.decoder[int(i)] for i in ids)
+        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
+
+
+@lru_cache()
+def get_tokenizer():
+    return SimpleTokenizer()
+
+
+def tokenize(texts, context_length=77, truncate=True):
+    """texts (str or list of str) -> LongTensor (len(texts), context_length): SOT + tokens + EOT, zero padded.
+    Too long: cut to context_length with EOT as the last token (truncate=True) or raise."""
+    if isinstance(texts, str):
+        texts = [texts]
+    tok = get_tokenizer()
+    out = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [tok.sot_token] + tok.encode(text) + [tok.eot_token]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"text {i} has {len(ids)} tokens, more than the context length {context_length}; "
+                                   "shorten it or call tokenize(..., truncate=True)")
+            ids = ids[:context_length]
+            ids[-1] = tok.eot_token
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 512  # joint image-text embedding
+    image_resolution: int = 224
+    vision_layers: int = 12
+    vision_width: int = 768
+    vision_patch_size: int = 16
+    context_length: int = 77
+    vocab_size: int = 49408
+    transformer_width: int = 512
+    transformer_heads: int = 8
+    transformer_layers: int = 12
+
+    @property
+    def vision_heads(self):
+        return self.vision_width // 64  # OpenAI's rule: head dim 64
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (the released weights are fp16)."""
+
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameter names (in_proj_weight rows are q;k;v).
+    `qkv` and `merge` are exposed so the surgery path (and training-free baselines) can recombine them."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def qkv(self, x):
+        B, N, C = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3C)
+        qkv = qkv.view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        return qkv[0], qkv[1], qkv[2]
+
+    def merge(self, o):
+        B, H, N, D = o.shape
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, H * D))  # (B, N, C)
+
+    def forward(self, x, causal=False):
+        q, k, v = self.qkv(x)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+
+    def forward_surgery(self, x):
+        """Returns (v-v attention, original attention) through the shared output projection (SPEC section 2)."""
+        q, k, v = self.qkv(x)
+        a_vv = F.scaled_dot_product_attention(v, v, v)
+        a_ori = F.scaled_dot_product_attention(q, k, v)
+        return self.merge(a_vv), self.merge(a_ori)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential()  # named children so keys read mlp.c_fc / mlp.c_proj as in OpenAI's file
+        self.mlp.add_module("c_fc", nn.Linear(width, width * 4))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, causal=False):
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        W, P = cfg.vision_width, cfg.vision_patch_size
+        grid = cfg.image_resolution // P
+        self.patch_size = P
+        self.conv1 = nn.Conv2d(3, W, kernel_size=P, stride=P, bias=False)
+        self.class_embedding = nn.Parameter(W ** -0.5 * torch.randn(W))
+        self.positional_embedding = nn.Parameter(W ** -0.5 * torch.randn(grid * grid + 1, W))
+        self.ln_pre = LayerNorm(W)
+        self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads)
+        self.ln_post = LayerNorm(W)
+        self.proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))
+
+    def positional_embedding_for(self, h, w):
+        """Positional embedding for an h x w patch grid: the CLS row kept, the grid rows resized bicubically
+        (align_corners=False, no antialias). The parameter itself is never overwritten."""
+        pe = self.positional_embedding
+        g = int(round((pe.shape[0] - 1) ** 0.5))
+        if (h, w) == (g, g):
+            return pe
+        grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, C, g, g)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pe.dtype)
+        return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1)])  # (1 + h*w, C)
+
+    def embed(self, x):
+        """(B, 3, H, W) image -> (B, 1 + h*w, C) tokens after ln_pre, and the grid (h, w)."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        P = self.patch_size
+        if H % P or W % P:
+            raise ValueError(f"image height and width must be multiples of the patch size {P}, got {H}x{W}; "
+                             "resize or pad the image first")
+        x = self.conv1(x.to(self.conv1.weight.dtype))  # (B, C, h, w)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding_for(h, w).to(x.dtype)  # (B, 1 + h*w, C)
+        return self.ln_pre(x), (h, w)
+
+    def head(self, x):
+        """The frozen ln_post + proj: (..., C) -> (..., embed_dim)."""
+        return self.ln_post(x) @ self.proj
+
+    def forward(self, x):
+        x, _ = self.embed(x)
+        return self.head(self.transformer(x)[:, 0])
+
+    def forward_surgery(self, x, surgery_layers=6):
+        """CLIP Surgery dual path over the last `surgery_layers` blocks (SPEC section 2).
+        Returns the x_new tokens (B, 1 + h*w, C) BEFORE ln_post, token 0 being the CLS of x_ori, and (h, w).
+        With surgery_layers=0 this is the plain model's pre-ln_post token sequence."""
+        blocks = self.transformer.resblocks
+        if not 0 <= surgery_layers <= len(blocks):
+            raise ValueError(f"surgery_layers must be in [0, {len(blocks)}], got {surgery_layers}")
+        x, grid = self.embed(x)
+        first = len(blocks) - surgery_layers
+        for block in blocks[:first]:
+            x = block(x)
+        x_ori, x_new = x, x
+        for block in blocks[first:]:
+            a_vv, a_ori = block.attn.forward_surgery(block.ln_1(x_ori))  # both from the ORIGINAL stream
+            x_new = x_new + a_vv  # no LayerNorm, no MLP on the new path
+            x_ori = x_ori + a_ori
+            x_ori = x_ori + block.mlp(block.ln_2(x_ori))
+        x_new = torch.cat([x_ori[:, :1], x_new[:, 1:]], dim=1)
+        return x_new, grid
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg)
+        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.transformer_width)
+        self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.transformer_width))
+        self.ln_final = LayerNorm(cfg.transformer_width)
+        self.text_projection = nn.Parameter(cfg.transformer_width ** -0.5 * torch.randn(cfg.transformer_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
+
+    def encode_image(self, image):
+        return self.visual(image)
+
+    def encode_text(self, text):
+        """text: (B, L) token ids, L <= context_length -> (B, embed_dim) features at the EOT position."""
+        L = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:L]  # (B, L, W)
+        x = self.ln_final(self.transformer(x, causal=True))
+        eot = text.argmax(dim=-1)  # EOT (49407) is the largest id
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, image, text):
+        """Returns (logits_per_image, logits_per_text) as in OpenAI's model."""
+        img = F.normalize(self.encode_image(image), dim=-1)
+        txt = F.normalize(self.encode_text(text), dim=-1)
+        logits = self.logit_scale.exp() * img @ txt.t()
+        return logits, logits.t()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading OpenAI / open_clip checkpoints
+
+def config_from_state_dict(sd):
+    """Infer every size of the model from tensor shapes (works for B/32, B/16, L/14 and small test configs)."""
+    if "visual.conv1.weight" not in sd:
+        found = "a ResNet CLIP" if any(k.startswith("visual.layer1.") for k in sd) else "not a CLIP state dict"
+        raise ValueError(f"only ViT CLIP checkpoints are supported; this one is {found} "
+                         f"(first keys: {sorted(sd)[:5]})")
+
+    def count_layers(prefix):
+        return len({k.split(".")[len(prefix.split("."))] for k in sd if k.startswith(prefix + ".")})
+
+    conv = sd["visual.conv1.weight"]
+    grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+    return CLIPConfig(
+        embed_dim=sd["text_projection"].shape[1],
+        image_resolution=conv.shape[-1] * grid,
+        vision_layers=count_layers("visual.transformer.resblocks"),
+        vision_width=conv.shape[0],
+        vision_patch_size=conv.shape[-1],
+        context_length=sd["positional_embedding"].shape[0],
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        transformer_width=sd["ln_final.weight"].shape[0],
+        transformer_heads=sd["ln_final.weight"].shape[0] // 64,
+        transformer_layers=count_layers("transformer.resblocks"),
+    )
+
+
+def build_model(state_dict):
+    """Build a CLIP from a state dict with OpenAI's key names; every key and shape is checked, then loaded strictly.
+    fp16 tensors are cast to fp32; OpenAI's non-weight entries are dropped. Returns the model in eval mode."""
+    sd = {k: v for k, v in state_dict.items() if k not in NON_WEIGHT_KEYS}
+    bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
+    if bad:
+        raise ValueError(f"checkpoint entries that are not tensors: {bad[:10]}")
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    model = CLIP(config_from_state_dict(sd))
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [f"{k}: {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in sd and sd[k].shape != s]
+    if missing or unexpected or wrong:
+        raise ValueError("checkpoint does not match the CLIP architecture inferred from it:"
+                         + (f"\n  missing keys ({len(missing)}): {missing[:10]}" if missing else "")
+                         + (f"\n  unknown keys ({len(unexpected)}): {unexpected[:10]}" if unexpected else "")
+                         + (f"\n  wrong shapes ({len(wrong)}): {wrong[:10]}" if wrong else ""))
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def read_state_dict(path):
+    """Read a TorchScript archive (OpenAI's release), a torch.save'd state dict, or an open_clip checkpoint
+    ({'state_dict': ...}, possibly with DDP's 'module.' prefix) into a plain {name: tensor} dict on the CPU."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path} (give a checkpoint file or one of the model names "
+                                f"{sorted(MODELS)}, which are downloaded)")
+    is_torchscript = False
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            is_torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    try:
+        if is_torchscript:
+            with warnings.catch_warnings():  # torch marks TorchScript deprecated; OpenAI's release is one
+                warnings.simplefilter("ignore", FutureWarning)
+                sd = torch.jit.load(path, map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                           "the file is corrupt or truncated: delete it and download it again") from e
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def download(name="ViT-B/16", root=None):
+    """Fetch OpenAI's checkpoint to a cache (default ~/.cache/clip), check its SHA-256, return the path."""
+    url = MODELS.get(name, name)
+    if not url.startswith(("http://", "https://", "file://")):
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or pass a URL or a local path")
+    root = root or os.path.expanduser("~/.cache/clip")
+    os.makedirs(root, exist_ok=True)
+    filename = os.path.basename(url)
+    expected_sha = url.split("/")[-2]
+    target = os.path.join(root, filename)
+
+    def sha256(path):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    if os.path.isfile(target):
+        if sha256(target) == expected_sha:
+            return target
+        print(f"{target} exists but its SHA-256 does not match; downloading it again", file=sys.stderr)
+    from tqdm import tqdm
+    tmp = target + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as src, open(tmp, "wb") as dst:
+            total = int(src.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=filename) as bar:
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"could not download {url} ({e}); download it by hand and put it at {target} "
+                           "(or pass its path with --checkpoint)") from None
+    if sha256(tmp) != expected_sha:
+        os.remove(tmp)
+        raise RuntimeError(f"downloaded {filename} does not match its SHA-256 {expected_sha}; try again")
+    os.replace(tmp, target)
+    return target
+
+
+def load(name_or_path="ViT-B/16", device="cpu", root=None):
+    """A model name (downloaded and cached), a URL, or a checkpoint path -> CLIP model in eval mode, fp32."""
+    is_remote = name_or_path in MODELS or "://" in name_or_path
+    path = download(name_or_path, root) if is_remote else name_or_path  # a missing path: "checkpoint not found"
+    return build_model(read_state_dict(path)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: zero-shot probabilities for one image
+
+def demo_image(size=224):
+    """A built-in test picture (a red disc on white), so the command runs without any file."""
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(img).ellipse([size // 5, size // 5, 4 * size // 5, 4 * size // 5], fill=(220, 20, 20))
+    return img
+
+
+def preprocess(img, size=224, mean=OPENAI_MEAN, std=OPENAI_STD):
+    """PIL image -> (1, 3, size, size) tensor: short side resize (bicubic), centre crop, normalise."""
+    from torchvision import transforms as T
+    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                    T.ToTensor(), T.Normalize(mean, std)])
+    return tf(img.convert("RGB")).unsqueeze(0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="CLIP zero-shot classification of one image")
+    parser.add_argument("--image", default=None, help="image file; omitted: a built-in picture of a red disc")
+    parser.add_argument("--texts", default="a red circle,a blue square,a photo of a dog",
+                        help="comma-separated candidate captions")
+    parser.add_argument("--checkpoint", default="ViT-B/16",
+                        help="checkpoint path (OpenAI .pt, state dict or open_clip file) or a model name to download")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = parser.parse_args()
+
+    try:
+        model = load(args.checkpoint, device=args.device)
+    except (RuntimeError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.image is None:
+        img = demo_image()
+    else:
+        from PIL import Image
+        try:
+            img = Image.open(args.image)
+        except (OSError, FileNotFoundError) as e:
+            sys.exit(f"error: cannot open image {args.image}: {e}")
+    texts = [t.strip() for t in args.texts.split(",") if t.strip()]
+    image = preprocess(img, model.cfg.image_resolution).to(args.device)
+    with torch.no_grad():
+        logits, _ = model(image, tokenize(texts).to(args.device))
+    for text, p in sorted(zip(texts, logits.softmax(-1)[0].tolist()), key=lambda t: -t[1]):
+        print(f"{p:7.2%}  {text}")
+
+
+if __name__ == "__main__":
+    main()
