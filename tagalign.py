@@ -1,0 +1,545 @@
+"""
+TagAlign: the projector on frozen CLIP Surgery features, its losses, and dense open-vocabulary inference.
+
+Run it on one image (writes an overlay PNG and one heatmap PNG per query into --out-dir):
+    python tagalign.py --checkpoint ckpt.pt --image photo.jpg --queries "brown cat,dog"
+    python tagalign.py --image photo.jpg --queries "brown cat,dog"                  # no checkpoint: raw CLIP Surgery
+    python tagalign.py --image photo.jpg --queries "cat,dog" --method naclip        # a training-free baseline
+
+What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
+- Sec. 3.2: a gated-conv projector (2 residual blocks x 2 branches: LayerNorm -> GELU -> 3x3 conv -> tanh(g),
+  g = 0 at init, so the projector starts as the identity) on the 768-d CLIP Surgery patch tokens, then a
+  trainable copy of CLIP's ln_post + proj. Image embedding z = spatial mean.
+- Eq. 1-2: multi-tag classification, s_k = tau cos(z, c_k), softmax over the K tags, loss averaged over the
+  image's tags P: -(1/|P|) sum_{k in P} log p_k. Eq. 4: balanced softmax, softmax(s_k + log f_k) (paper's
+  default; the authors' released code trains with the plain softmax: `tag_loss="plain"`).
+- Eq. 5: symmetric image-text InfoNCE against the frozen CLIP caption embedding, features all-gathered with
+  gradient across ranks. Eq. 6: L = L_obj + w_attr L_attr + lambda L_itc.
+- Eq. 7-8 (rule v3): per window P = (1 - a) softmax(30 cos(f_tagalign, t)) + a softmax(30 cos(f_clip, t));
+  rule v1: 0.7 sigmoid(10 cos_tagalign - 2.5) + 0.3 sigmoid(10 cos_clip - 2.5). Sliding windows averaged over
+  overlaps, resized to the original image, background by threshold; optional PAMR (Araslanov & Roth 2020).
+- Training-free baselines on the same backbone: MaskCLIP, SCLIP, ClearCLIP, NACLIP and plain CLIP.
+"""
+import argparse
+import hashlib
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEMPLATE_FILES = {"tcl9": "templates_tcl9.txt", "clip80": "templates_clip80.txt"}
+TAG_TEMPLATE = "A photo of a {}."  # the fixed prompt of the tag embeddings (Sec. 3.3)
+BASELINES = ("surgery", "plain", "maskclip", "sclip", "clearclip", "naclip")
+
+
+@dataclass
+class TagAlignConfig:
+    surgery_layers: int = 6  # CLIP Surgery on the last N vision blocks
+    projector_blocks: int = 2  # residual blocks, each of two gated-conv branches
+    init_temperature: float = 1 / 0.07  # tau of Eq. 1 and of Eq. 5, learned as log(tau)
+    max_temperature: float = 100.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+class GatedConv(nn.Module):
+    """One pre-activation branch: LayerNorm over channels -> GELU -> 3x3 conv, scaled by tanh(g), g = 0 at init."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-5)
+        self.conv = nn.Conv2d(width, width, 3, padding=1)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):  # x: (B, C, h, w)
+        y = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # normalise each pixel's channel vector
+        return self.conv(F.gelu(y)) * torch.tanh(self.gate)
+
+
+class Projector(nn.Module):
+    def __init__(self, width, blocks=2):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleList([GatedConv(width), GatedConv(width)]) for _ in range(blocks)])
+
+    def forward(self, x):
+        for branch1, branch2 in self.blocks:
+            x = x + branch1(x)
+            x = x + branch2(x)
+        return x
+
+
+class TagAlign(nn.Module):
+    """Frozen CLIP (with surgery) -> projector -> trainable ln_post + proj copy -> 512-d features per patch."""
+
+    def __init__(self, clip: clip_model.CLIP, cfg: TagAlignConfig = TagAlignConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = clip.eval().requires_grad_(False)
+        width = clip.cfg.vision_width
+        self.projector = Projector(width, cfg.projector_blocks)
+        self.ln_post = nn.LayerNorm(width, eps=1e-5)
+        self.ln_post.load_state_dict(clip.visual.ln_post.state_dict())
+        self.proj = nn.Parameter(clip.visual.proj.detach().clone())
+        self.logit_scale_tag = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
+        self.logit_scale_itc = nn.Parameter(torch.tensor(math.log(cfg.init_temperature)))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # CLIP is frozen: always in eval mode
+        return self
+
+    def temperatures(self):
+        """(tau_tag, tau_itc) with the exp capped, as CLIP does."""
+        cap = self.cfg.max_temperature
+        return self.logit_scale_tag.exp().clamp(max=cap), self.logit_scale_itc.exp().clamp(max=cap)
+
+    @torch.no_grad()
+    def clip_patches(self, images):
+        """Frozen CLIP Surgery tokens: (B, 3, H, W) -> (B, C, h, w) 768-d patch tokens before ln_post."""
+        x, (h, w) = self.clip.visual.forward_surgery(images, self.cfg.surgery_layers)
+        return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, C, h, w)
+
+    def project(self, patches):
+        """(B, C, h, w) surgery tokens -> (B, h, w, D) TagAlign features (unnormalised)."""
+        x = self.projector(patches).permute(0, 2, 3, 1)  # (B, h, w, C)
+        return self.ln_post(x) @ self.proj
+
+    def forward(self, images):
+        """Returns the dense features (B, h, w, D) and the image embedding z = their spatial mean (B, D)."""
+        f = self.project(self.clip_patches(images))
+        return f, f.mean(dim=(1, 2))
+
+    def dense_features(self, images):
+        """(f_tagalign, f_clip), both (B, h, w, D): the features of Eq. 7-8; f_clip is the frozen ln_post + proj
+        of the same surgery tokens."""
+        patches = self.clip_patches(images)
+        return self.project(patches), self.clip.visual.head(patches.permute(0, 2, 3, 1))
+
+    @torch.no_grad()
+    def encode_text(self, tokens):
+        return self.clip.encode_text(tokens)
+
+    def trainable_state_dict(self):
+        """Everything that is learned (projector, ln_post/proj copy, temperatures); CLIP is not included."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    def load_trainable_state_dict(self, sd):
+        expected = self.trainable_state_dict()
+        missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
+        wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+        if missing or unexpected or wrong:
+            raise ValueError(f"TagAlign state does not match: missing {missing[:5]}, unknown {unexpected[:5]}, "
+                             f"wrong shapes {wrong[:5]}; was it trained with another CLIP or projector size?")
+        self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k.startswith("clip.")}, **sd})
+
+
+def save_checkpoint(path, model: TagAlign, clip_name, **extra):
+    """Trainable state + config, written atomically (temp file + rename). `extra`: optimizer, step, ... ."""
+    obj = {"model": model.trainable_state_dict(), "config": asdict(model.cfg), "clip": clip_name, **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, clip=None, device="cpu"):
+    """A TagAlign checkpoint -> model in eval mode. The frozen CLIP is loaded from the name/path recorded in the
+    checkpoint unless given."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"TagAlign checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"could not read TagAlign checkpoint {path} ({type(e).__name__}); is it corrupt?") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a TagAlign checkpoint (expected keys 'model' and 'config')")
+    clip = clip if clip is not None else clip_model.load(ckpt["clip"])
+    model = TagAlign(clip, TagAlignConfig(**ckpt["config"]))
+    model.load_trainable_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Text embeddings
+
+def load_templates(name):
+    """'single' (TagAlign's default), 'tcl9' or 'clip80' -> list of format strings with one '{}'."""
+    if name == "single":
+        return ["a photo of a {}."]
+    if name not in TEMPLATE_FILES:
+        raise ValueError(f"unknown template set {name!r}; choose single, tcl9 or clip80")
+    with open(os.path.join(HERE, "data", TEMPLATE_FILES[name]), encoding="utf-8") as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def text_embeddings(clip, names, templates=("a photo of a {}.",), batch_size=256):
+    """(len(names), D) L2-normalised: per name, the mean of the unnormalised embeddings over the templates."""
+    device = next(clip.parameters()).device
+    prompts = [t.format(n.strip()) for n in names for t in templates]
+    emb = torch.cat([clip.encode_text(clip_model.tokenize(prompts[i:i + batch_size]).to(device)).float()
+                     for i in range(0, len(prompts), batch_size)])
+    return F.normalize(emb.view(len(names), len(templates), -1).mean(1), dim=-1)
+
+
+def tag_embeddings(clip, tags, cache_path=None):
+    """The fixed tag embeddings c_k of Eq. 1 ("A photo of a {tag}."), cached on disk when a path is given. The
+    cache is keyed by the tag list and a fingerprint of the text encoder, so a stale file is recomputed."""
+    fingerprint = hashlib.sha256(clip.text_projection.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+    key = hashlib.sha256(("\n".join(tags) + TAG_TEMPLATE + fingerprint).encode()).hexdigest()
+    if cache_path and os.path.isfile(cache_path):
+        cached = torch.load(cache_path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key:
+            return cached["embeddings"]
+    emb = text_embeddings(clip, tags, (TAG_TEMPLATE,)).cpu()
+    if cache_path:
+        tmp = f"{cache_path}.tmp{os.getpid()}"
+        torch.save({"key": key, "embeddings": emb}, tmp)
+        os.replace(tmp, cache_path)
+    return emb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's gradient for the gathered copies and returns this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_with_grad(x):
+    """(B, D) on each rank -> (world * B, D) in rank order, differentiable; the identity in a single process."""
+    return _GatherWithGrad.apply(x) if distributed() else x
+
+
+def tag_loss(z, tag_emb, labels, tau, log_freq=None):
+    """Multi-tag classification, Eq. 1-2 (Eq. 4 when log_freq is given).
+    z: (B, D) image embeddings; tag_emb: (K, D) normalised tag embeddings; labels: (B, K) 0/1;
+    log_freq: (K,) log of the tag frequencies f_k for the balanced softmax, or None for the plain softmax.
+    Returns the mean over the images that have tags across ALL ranks, scaled so that DDP's gradient averaging
+    gives exactly the gradient of that global mean (images without tags contribute nothing, and no NaN)."""
+    s = tau * F.normalize(z.float(), dim=-1) @ tag_emb.float().t()  # (B, K)
+    if log_freq is not None:
+        s = s + log_freq  # balanced softmax: exp(s_k) f_k / sum_j exp(s_j) f_j
+    labels = labels.float()
+    n_pos = labels.sum(1)  # |P| per image
+    per_image = -(labels * F.log_softmax(s, dim=-1)).sum(1) / n_pos.clamp(min=1)  # (B,)
+    has_tags = (n_pos > 0).float()
+    count = has_tags.sum()
+    world = 1
+    if distributed():
+        count = count.clone()
+        dist.all_reduce(count)
+        world = dist.get_world_size()
+    return (per_image * has_tags).sum() * world / count.clamp(min=1)
+
+
+def contrastive_loss(z, t, tau):
+    """Symmetric image-text InfoNCE (Eq. 5) over the global batch: local rows vs gathered columns, labels
+    offset by rank. z, t: (B, D) image and caption embeddings (normalised here)."""
+    z, t = F.normalize(z.float(), dim=-1), F.normalize(t.float(), dim=-1)
+    z_all, t_all = gather_with_grad(z), gather_with_grad(t)  # (world * B, D)
+    offset = dist.get_rank() * z.shape[0] if distributed() else 0
+    labels = torch.arange(z.shape[0], device=z.device) + offset
+    return (F.cross_entropy(tau * z @ t_all.t(), labels) + F.cross_entropy(tau * t @ z_all.t(), labels)) / 2
+
+
+def tagalign_loss(model: TagAlign, z, caption_emb, obj_labels, obj_emb, attr_labels=None, attr_emb=None,
+                  obj_log_freq=None, attr_log_freq=None, attribute_weight=1.0, itc_weight=1.0):
+    """Eq. 6: L = L_obj + attribute_weight * L_attr + itc_weight * L_itc. Returns (total, {name: value})."""
+    tau_tag, tau_itc = model.temperatures()
+    terms = {"obj": tag_loss(z, obj_emb, obj_labels, tau_tag, obj_log_freq)}
+    total = terms["obj"]
+    if attribute_weight and attr_labels is not None:
+        terms["attr"] = tag_loss(z, attr_emb, attr_labels, tau_tag, attr_log_freq)
+        total = total + attribute_weight * terms["attr"]
+    if itc_weight:
+        terms["itc"] = contrastive_loss(z, caption_emb, tau_itc)
+        total = total + itc_weight * terms["itc"]
+    return total, terms
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training-free baselines: the last vision block rewired (SPEC section 2), then the frozen ln_post + proj.
+
+def gaussian_prior(h, w, sigma, device):
+    """NACLIP's neighbourhood prior: exp(-d^2 / (2 sigma^2)) between patch positions, (h*w, h*w)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()  # (h*w, 2)
+    return torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * sigma ** 2))
+
+
+@torch.no_grad()
+def baseline_features(clip, images, method):
+    """(B, 3, H, W) -> (B, h, w, D) dense features of a training-free method (not normalised)."""
+    vis = clip.visual
+    if method == "surgery":
+        x, (h, w) = vis.forward_surgery(images)
+        return vis.head(x[:, 1:]).view(x.shape[0], h, w, -1)
+    x, (h, w) = vis.embed(images)
+    *blocks, last = vis.transformer.resblocks
+    for block in blocks:
+        x = block(x)
+    if method == "plain":
+        x = last(x)
+    else:
+        y = last.ln_1(x)
+        q, k, v = last.attn.qkv(y)  # (B, H, N, d)
+        if method == "maskclip":  # value path; residual and MLP kept
+            x = x + last.attn.merge(v)
+            x = x + last.mlp(last.ln_2(x))
+        elif method == "sclip":  # correlative self-attention; residual and MLP kept
+            scale = q.shape[-1] ** -0.5
+            attn = (q @ q.transpose(-1, -2) * scale).softmax(-1) + (k @ k.transpose(-1, -2) * scale).softmax(-1)
+            x = x + last.attn.merge(attn @ v)
+            x = x + last.mlp(last.ln_2(x))
+        elif method == "clearclip":  # q-q attention; no residual, no MLP
+            x = last.attn.merge(F.scaled_dot_product_attention(q, q, v))
+        elif method == "naclip":  # k-k attention + Gaussian neighbourhood prior on the patch grid; no residual/MLP
+            prior = torch.zeros(q.shape[-2], q.shape[-2], device=x.device, dtype=q.dtype)
+            prior[1:, 1:] = gaussian_prior(h, w, 5.0, x.device).to(q.dtype)
+            x = last.attn.merge(F.scaled_dot_product_attention(k, k, v, attn_mask=prior))
+        else:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(BASELINES)}")
+    return vis.head(x[:, 1:]).view(x.shape[0], h, w, -1)
+
+
+def feature_fn(model, method="tagalign"):
+    """The inference path's feature source: windows (n, 3, H, W) -> (f_main, f_clip), each (n, h, w, D)."""
+    if method == "tagalign":
+        if not isinstance(model, TagAlign):
+            raise ValueError("method 'tagalign' needs a TagAlign model")
+        return model.dense_features
+    clip = model.clip if isinstance(model, TagAlign) else model
+
+    def features(windows):
+        f = baseline_features(clip, windows, method)
+        return f, f  # no separate CLIP branch: the blend is a no-op
+    return features
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense inference
+
+def window_scores(f_main, f_clip, text_emb, rule="v3", clip_weight=0.5):
+    """Per-window class maps from features (n, h, w, D) and normalised text embeddings (C, D) -> (n, C, h, w).
+    v3 (Eq. 7-8): (1 - a) softmax(30 cos_main) + a softmax(30 cos_clip); v1: 0.7 sigmoid(10 cos_main - 2.5) +
+    0.3 sigmoid(10 cos_clip - 2.5); 'cosine': (1 - a) cos_main + a cos_clip (for heatmaps)."""
+    t = text_emb.to(f_main.dtype)
+    cos_main = F.normalize(f_main, dim=-1) @ t.t()  # (n, h, w, C)
+    cos_clip = F.normalize(f_clip, dim=-1) @ t.t()
+    if rule == "v3":
+        p = (1 - clip_weight) * (30 * cos_main).softmax(-1) + clip_weight * (30 * cos_clip).softmax(-1)
+    elif rule == "v1":
+        p = 0.7 * torch.sigmoid(10 * cos_main - 2.5) + 0.3 * torch.sigmoid(10 * cos_clip - 2.5)
+    elif rule == "cosine":
+        p = (1 - clip_weight) * cos_main + clip_weight * cos_clip
+    else:
+        raise ValueError(f"unknown rule {rule!r}; choose v3, v1 or cosine")
+    return p.permute(0, 3, 1, 2).float()  # (n, C, h, w)
+
+
+def window_boxes(H, W, window, stride):
+    """mmseg's slide grid: (y1, y2, x1, x2) boxes of size min(window, H) x min(window, W) covering the image."""
+    wh, ww = min(window, H), min(window, W)
+    ny = max(H - wh + stride - 1, 0) // stride + 1
+    nx = max(W - ww + stride - 1, 0) // stride + 1
+    boxes = []
+    for iy in range(ny):
+        for ix in range(nx):
+            y2, x2 = min(iy * stride + wh, H), min(ix * stride + ww, W)
+            boxes.append((y2 - wh, y2, x2 - ww, x2))
+    return boxes
+
+
+def resize_short_side(image, short_side=448, max_long_side=2048):
+    """(B, 3, H, W) -> bilinear resize so the short side is short_side (long side at most max_long_side)."""
+    H, W = image.shape[-2:]
+    scale = min(short_side / min(H, W), max_long_side / max(H, W))
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16, patch=16, **rule_kw):
+    """Class maps of a normalised image (1, 3, H, W): windows batched through `features`, each window's map
+    bilinearly upsampled to the window and averaged over overlaps -> (C, H, W)."""
+    _, _, H, W = image.shape
+    boxes = window_boxes(H, W, window, stride)
+    wh, ww = boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2]
+    pad = (0, -ww % patch, 0, -wh % patch)  # ViT needs multiples of the patch size: pad right/bottom, crop after
+    total = count = None
+    for i in range(0, len(boxes), window_batch):
+        chunk = boxes[i:i + window_batch]
+        crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n, 3, wh, ww)
+        maps = window_scores(*features(F.pad(crops, pad)), text_emb, **rule_kw)  # (n, C, h, w)
+        maps = F.interpolate(maps, size=(wh + pad[3], ww + pad[1]), mode="bilinear", align_corners=False)
+        maps = maps[:, :, :wh, :ww]
+        if total is None:
+            total = maps.new_zeros(maps.shape[1], H, W)
+            count = maps.new_zeros(1, H, W)
+        for (y1, y2, x1, x2), m in zip(chunk, maps):
+            total[:, y1:y2, x1:x2] += m
+            count[:, y1:y2, x1:x2] += 1
+    return total / count
+
+
+def pamr(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
+    """Pixel-adaptive mask refinement (SPEC section 7). image: (B, 3, H, W) normalised; masks: (B, C, h, w).
+    Returns (B, C, H, W)."""
+    B, _, H, W = image.shape
+    masks = F.interpolate(masks.float(), size=(H, W), mode="bilinear", align_corners=True)
+    image = image.float()
+
+    def neighbours(x, d):  # (B, c, H, W) -> (B, c, 8, H, W): values at the 8 offsets of dilation d
+        p = F.pad(x, (d, d, d, d), mode="replicate")
+        offs = [(dy, dx) for dy in (-d, 0, d) for dx in (-d, 0, d) if (dy, dx) != (0, 0)]
+        return torch.stack([p[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy, dx in offs], 2)
+
+    nbr = torch.cat([neighbours(image, d) for d in dilations], 2)  # (B, 3, 48, H, W)
+    # sigma: unbiased std over the six dilated 3x3 windows (the centre counted once per window: 54 values)
+    n = 9 * len(dilations)
+    s1 = nbr.sum(2) + len(dilations) * image
+    s2 = nbr.pow(2).sum(2) + len(dilations) * image.pow(2)
+    sigma = ((s2 - s1.pow(2) / n) / (n - 1)).clamp(min=0).sqrt()  # (B, 3, H, W)
+    aff = -(nbr - image.unsqueeze(2)).abs() / (1e-8 + 0.1 * sigma.unsqueeze(2))
+    aff = aff.mean(1).softmax(1)  # (B, 48, H, W)
+    for _ in range(iterations):
+        masks = (torch.cat([neighbours(masks, d) for d in dilations], 2) * aff.unsqueeze(1)).sum(2)
+    return masks
+
+
+def to_tensor_image(image):
+    """PIL image or (3, H, W) tensor (uint8, or float in [0, 1]) -> (1, 3, H, W) float in [0, 1]."""
+    if not torch.is_tensor(image):
+        from torchvision.transforms.functional import pil_to_tensor
+        image = pil_to_tensor(image.convert("RGB"))
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
+
+
+@torch.no_grad()
+def segment(features, image, text_emb, rule="v3", clip_weight=0.5, bg_threshold=None, window=448, stride=224,
+            short_side=448, window_batch=16, use_pamr=False, mean=clip_model.IMAGENET_MEAN,
+            std=clip_model.IMAGENET_STD):
+    """Open-vocabulary segmentation of one image.
+    features: from feature_fn(); image: PIL or (3, H, W) tensor; text_emb: (C, D) normalised class embeddings.
+    bg_threshold: None, or a score below which a pixel is background (class 0; then class k is id k + 1).
+    Returns (labels (H, W) long, scores (C[+1], H, W)) at the original resolution."""
+    device = text_emb.device
+    img = to_tensor_image(image).to(device)
+    H0, W0 = img.shape[-2:]
+    m, s = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+    x = (resize_short_side(img, short_side) - m) / s
+    scores = sliding_scores(features, x, text_emb, window, stride, window_batch, rule=rule,
+                            clip_weight=clip_weight)  # (C, H, W)
+    if use_pamr:
+        scores = pamr(x, scores[None])[0]
+    scores = F.interpolate(scores[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]
+    if bg_threshold is not None:
+        scores = torch.cat([scores.new_full((1, H0, W0), bg_threshold), scores])  # best below threshold -> 0
+    return scores.argmax(0), scores
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: overlay + heatmaps for one image
+
+def colormap(x):
+    """Values in [0, 1], (H, W) -> (H, W, 3) uint8 with a blue-cyan-yellow-red ramp (jet-like)."""
+    r = (1.5 - (4 * x - 3).abs()).clamp(0, 1)
+    g = (1.5 - (4 * x - 2).abs()).clamp(0, 1)
+    b = (1.5 - (4 * x - 1).abs()).clamp(0, 1)
+    return (torch.stack([r, g, b], -1) * 255).byte()
+
+
+def palette(n):
+    g = torch.Generator().manual_seed(3)
+    colours = torch.randint(40, 256, (n, 3), generator=g, dtype=torch.uint8)
+    colours[0] = 0
+    return colours
+
+
+def main():
+    parser = argparse.ArgumentParser(description="TagAlign on one image: overlay and per-query heatmaps")
+    parser.add_argument("--image", required=True, help="input image file")
+    parser.add_argument("--queries", required=True, help='comma-separated text queries, e.g. "brown cat,dog"')
+    parser.add_argument("--checkpoint", default=None, help="TagAlign checkpoint from train.py; omitted: raw CLIP Surgery")
+    parser.add_argument("--clip", default=None,
+                        help="CLIP checkpoint path or name (default: the one recorded in --checkpoint, else ViT-B/16)")
+    parser.add_argument("--method", default="tagalign", choices=("tagalign",) + BASELINES,
+                        help="feature source: TagAlign, or a training-free baseline")
+    parser.add_argument("--out-dir", default="out/tagalign", help="where the PNGs are written")
+    parser.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (SPEC section 7)")
+    parser.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
+    parser.add_argument("--bg-threshold", type=float, default=None, help="score below which a pixel is background")
+    parser.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"], help="prompt templates")
+    parser.add_argument("--window", type=int, default=448, help="sliding window size")
+    parser.add_argument("--stride", type=int, default=224, help="sliding window stride")
+    parser.add_argument("--short-side", type=int, default=448, help="resize the short side to this before windows")
+    parser.add_argument("--pamr", action="store_true", help="refine the maps with PAMR")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    args = parser.parse_args()
+
+    from PIL import Image
+    try:
+        clip = clip_model.load(args.clip) if args.clip else None
+        if args.checkpoint:
+            model = load_checkpoint(args.checkpoint, clip, args.device)
+        else:
+            model = TagAlign(clip or clip_model.load("ViT-B/16")).to(args.device).eval()  # identity projector
+        img = Image.open(args.image).convert("RGB")
+    except (OSError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    queries = [q.strip() for q in args.queries.split(",") if q.strip()]
+    text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
+    features = feature_fn(model, args.method)
+    kw = dict(window=args.window, stride=args.stride, short_side=args.short_side, clip_weight=args.clip_weight)
+    labels, scores = segment(features, img, text_emb, rule=args.rule, bg_threshold=args.bg_threshold,
+                             use_pamr=args.pamr, **kw)
+    _, cosine = segment(features, img, text_emb, rule="cosine", **kw)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    photo = to_tensor_image(img)[0].permute(1, 2, 0)  # (H, W, 3) in [0, 1]
+    offset = 0 if args.bg_threshold is None else 1
+    colours = palette(len(queries) + 1)[1:] if offset == 0 else palette(len(queries) + 1)
+    overlay = (0.5 * photo * 255 + 0.5 * colours[labels.cpu()].float()).byte()
+    Image.fromarray(overlay.numpy()).save(os.path.join(args.out_dir, "overlay.png"))
+    print(f"{'query':30s} {'pixels':>8s} {'cos min':>8s} {'cos max':>8s}")
+    for i, q in enumerate(queries):
+        c = cosine[i].cpu()
+        heat = colormap((c - c.min()) / (c.max() - c.min()).clamp(min=1e-8))
+        blend = (0.4 * photo * 255 + 0.6 * heat.float()).byte()
+        name = "".join(ch if ch.isalnum() else "_" for ch in q)[:60]
+        Image.fromarray(blend.numpy()).save(os.path.join(args.out_dir, f"heatmap_{i:02d}_{name}.png"))
+        share = (labels == i + offset).float().mean().item()
+        print(f"{q:30s} {share:8.1%} {c.min().item():8.3f} {c.max().item():8.3f}")
+    print(f"wrote {args.out_dir}/overlay.png and {len(queries)} heatmaps")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,386 @@
+"""tagalign.py against hand-computed values and direct transcriptions: identity projector, loss values, gradient
+flow, a 2-process gloo run vs one process, sliding windows vs whole image, batched vs single windows, PAMR, the
+training-free baselines, checkpoints and the command line."""
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import clip_model
+import tagalign
+from conftest import ROOT, TINY, random_state_dict
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tiny_state_dict):
+    return clip_model.build_model(tiny_state_dict)
+
+
+def make_model(clip, gate=None):
+    torch.manual_seed(0)  # the projector's convs use PyTorch's default (random) init
+    model = tagalign.TagAlign(clip)
+    if gate is not None:  # open the gates, as after some training, so every projector weight matters
+        for branch in model.projector.modules():
+            if isinstance(branch, tagalign.GatedConv):
+                branch.gate.data.fill_(gate)
+                branch.norm.weight.data.add_(0.1 * torch.randn_like(branch.norm.weight))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def test_projector_is_identity_at_init(tiny_clip):
+    model = make_model(tiny_clip)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        f_ta, f_clip = model.dense_features(x)
+        tokens, (h, w) = tiny_clip.visual.forward_surgery(x, 6)
+        expected = tiny_clip.visual.head(tokens[:, 1:]).view(2, h, w, -1)
+        f, z = model(x)
+    assert f_ta.shape == (2, 4, 6, 64)
+    assert torch.allclose(f_ta, expected, atol=1e-6) and torch.allclose(f_clip, expected, atol=1e-6)
+    assert torch.allclose(z, expected.mean((1, 2)), atol=1e-6)
+    patches = torch.randn(1, 128, 3, 5)
+    assert torch.equal(model.projector(patches), patches)
+
+
+def test_trainable_parameters_vitb16(vitb16_state_dict):
+    model = tagalign.TagAlign(clip_model.build_model(vitb16_state_dict))
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    conv = 768 * 768 * 9 + 768
+    # 4 branches (conv + LayerNorm + gate), the ln_post copy, proj (768 x 512), two temperatures
+    assert sum(trainable.values()) == 4 * (conv + 2 * 768 + 1) + 2 * 768 + 768 * 512 + 2 == 21_637_638
+    assert not any(n.startswith("clip.") for n in trainable)
+    assert set(model.trainable_state_dict()) == set(trainable)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+C_TAGS = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=-1)  # cos to (1, 0): 1, 0, 1/sqrt2
+
+
+def test_tag_loss_plain_hand_computed():
+    # image 0: z along c0, tags {0, 2}; image 1: no tags (ignored, no NaN); image 2: z along c1, tag {1}
+    z = torch.tensor([[2.0, 0.0], [0.3, -1.0], [0.0, 5.0]])
+    labels = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0]])
+    # tau = 10; image 0: s = (10, 0, 7.071068), log-sum-exp = 10.052117; -(1/2)(log p0 + log p2) = 1.516584
+    # image 2: s = (0, 10, 7.071068), -log p1 = 10.052117 - 10 = 0.052117; mean over the 2 tagged images:
+    loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0))
+    assert loss.item() == pytest.approx((1.516584 + 0.052117) / 2, abs=1e-5)
+
+
+def test_tag_loss_balanced_hand_computed():
+    z = torch.tensor([[2.0, 0.0]])
+    labels = torch.tensor([[1, 0, 1]])
+    freq = torch.tensor([0.5, 0.1, 0.2])
+    # s + log f = (10 - 0.693147, -2.302585, 7.071068 - 1.609438) = (9.306853, -2.302585, 5.461630)
+    # log-sum-exp = 9.306853 + log(1 + e^-11.609438 + e^-3.845223) = 9.328018
+    # -(1/2)((9.306853 - 9.328018) + (5.461630 - 9.328018)) = 1.943777
+    loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), freq.log())
+    assert loss.item() == pytest.approx(1.943777, abs=1e-5)
+
+
+def test_tag_loss_without_any_tags_is_zero_not_nan():
+    z = torch.randn(3, 2, requires_grad=True)
+    loss = tagalign.tag_loss(z, C_TAGS, torch.zeros(3, 3), torch.tensor(10.0))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(z.grad).all()
+
+
+def test_contrastive_loss_hand_computed():
+    z = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # image rows: [10, 7.0711] label 0 -> 0.052074; [0, 7.0711] label 1 -> 0.000849
+    # text rows:  [10, 0] label 0 -> 0.000045;      [7.0711, 7.0711] label 1 -> log 2 = 0.693147
+    expected = ((0.052074 + 0.000849) / 2 + (0.000045 + 0.693147) / 2) / 2
+    assert tagalign.contrastive_loss(z, t, torch.tensor(10.0)).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_temperatures_are_capped():
+    model = make_model(clip_model.build_model(random_state_dict(TINY, seed=5)))
+    assert model.temperatures()[0].item() == pytest.approx(1 / 0.07, rel=1e-5)
+    model.logit_scale_tag.data.fill_(math.log(500.0))
+    assert model.temperatures()[0].item() == 100.0
+
+
+def batch(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 64, 64, generator=g)
+    captions = clip_model.tokenize([f"caption number {i} with a red ball" for i in range(n)])
+    obj = (torch.rand(n, 5, generator=g) > 0.6).float()
+    obj[1] = 0  # one image without object tags
+    attr = (torch.rand(n, 4, generator=g) > 0.5).float()
+    return images, captions, obj, attr
+
+
+def run_loss(model, images, captions, obj, attr):
+    obj_emb = tagalign.text_embeddings(model.clip, ["ball", "dog", "tree", "car", "sky"], [tagalign.TAG_TEMPLATE])
+    attr_emb = tagalign.text_embeddings(model.clip, ["red", "small", "wooden", "blue"], [tagalign.TAG_TEMPLATE])
+    _, z = model(images)
+    return tagalign.tagalign_loss(model, z, model.encode_text(captions), obj, obj_emb, attr, attr_emb,
+                                  obj_log_freq=torch.tensor([0.5, 0.3, 0.2, 0.1, 0.05]).log(), attribute_weight=0.5)
+
+
+def test_total_loss_is_eq6_and_gradients_reach_only_trainable_parameters(tiny_clip):
+    model = make_model(tiny_clip)
+    total, terms = run_loss(model, *batch(0))
+    assert total.item() == pytest.approx((terms["obj"] + 0.5 * terms["attr"] + terms["itc"]).item(), rel=1e-6)
+    total.backward()
+    assert all(p.grad is None for p in model.clip.parameters())
+    # at init tanh(0) = 0 blocks the convs; the gates, the ln_post/proj copy and the temperatures learn first
+    for name, p in model.named_parameters():
+        if name.startswith("clip."):
+            continue
+        if name.endswith("gate") or not name.startswith("projector."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    opened = make_model(tiny_clip, gate=0.5)
+    run_loss(opened, *batch(0))[0].backward()
+    for name, p in opened.named_parameters():
+        if not name.startswith("clip."):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _ddp_worker(rank, world, init_file, out_file, sd):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = make_model(clip_model.build_model(sd), gate=0.5)
+    images, captions, obj, attr = batch(1, n=6)
+    part = slice(rank * 3, (rank + 1) * 3)  # rank 0 holds the untagged image: unequal tag counts per rank
+    total, terms = run_loss(model, images[part], captions[part], obj[part], attr[part])
+    total.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:  # what DDP does: average gradients over ranks
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / world
+    values = torch.stack([total.detach()] + [terms[k].detach() for k in ("obj", "attr", "itc")])
+    dist.all_reduce(values)
+    if rank == 0:
+        torch.save({"values": values / world, "grads": grads}, out_file)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, tiny_state_dict):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), tiny_state_dict), nprocs=2, join=True)
+    ddp = torch.load(out)
+    model = make_model(clip_model.build_model(tiny_state_dict), gate=0.5)
+    total, terms = run_loss(model, *batch(1, n=6))
+    total.backward()
+    single = torch.stack([total.detach()] + [terms[k].detach() for k in ("obj", "attr", "itc")])
+    assert torch.allclose(ddp["values"], single, atol=1e-5), (ddp["values"], single)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ddp["grads"]) and len(grads) > 10
+    for name, g in grads.items():
+        assert torch.allclose(ddp["grads"][name], g, atol=1e-5, rtol=1e-4), name
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+def test_templates_and_text_embeddings(tiny_clip):
+    assert len(tagalign.load_templates("tcl9")) == 9 and len(tagalign.load_templates("clip80")) == 80
+    assert tagalign.load_templates("single") == ["a photo of a {}."]
+    with pytest.raises(ValueError, match="single, tcl9 or clip80"):
+        tagalign.load_templates("clip81")
+    templates = tagalign.load_templates("tcl9")
+    emb = tagalign.text_embeddings(tiny_clip, ["cat", "bed "], templates)
+    with torch.no_grad():  # mean of the unnormalised embeddings, then normalised; names stripped
+        raw = tiny_clip.encode_text(clip_model.tokenize([t.format("bed") for t in templates]))
+    assert torch.allclose(emb[1], F.normalize(raw.mean(0), dim=0), atol=1e-6)
+
+
+def test_tag_embedding_cache(tmp_path, tiny_clip, monkeypatch):
+    path = str(tmp_path / "tags.pt")
+    first = tagalign.tag_embeddings(tiny_clip, ["dog", "cat"], path)
+    with torch.no_grad():
+        direct = F.normalize(tiny_clip.encode_text(clip_model.tokenize(["A photo of a dog.", "A photo of a cat."])), dim=-1)
+    assert torch.allclose(first, direct, atol=1e-6)
+    monkeypatch.setattr(tagalign, "text_embeddings", lambda *a, **k: pytest.fail("cache not used"))
+    assert torch.equal(tagalign.tag_embeddings(tiny_clip, ["dog", "cat"], path), first)
+    monkeypatch.undo()
+    assert tagalign.tag_embeddings(tiny_clip, ["dog", "cow"], path).shape == (2, 64)  # other tags: recomputed
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+def test_window_boxes_cover_the_image():
+    boxes = tagalign.window_boxes(448, 600, 448, 224)
+    assert boxes == [(0, 448, 0, 448), (0, 448, 152, 600)]
+    cover = torch.zeros(500, 1000)
+    for y1, y2, x1, x2 in tagalign.window_boxes(500, 1000, 448, 56):
+        assert (y2 - y1, x2 - x1) == (448, 448)
+        cover[y1:y2, x1:x2] += 1
+    assert (cover > 0).all()
+
+
+def test_sliding_window_equals_whole_image_when_the_window_covers_it(tiny_clip):
+    model = make_model(tiny_clip, gate=0.5)
+    text = F.normalize(torch.randn(3, 64), dim=-1)
+    image = torch.rand(3, 48, 96)  # short side 48 -> 64: resized to 64 x 128, one 64 x 128 window
+    labels, scores = tagalign.segment(model.dense_features, image, text, window=128, stride=64, short_side=64)
+    x = tagalign.resize_short_side(image[None], 64)
+    m, s = torch.tensor(clip_model.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(clip_model.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        whole = tagalign.window_scores(*model.dense_features((x - m) / s), text)  # (1, 3, 4, 8)
+    whole = F.interpolate(F.interpolate(whole, size=(64, 128), mode="bilinear"), size=(48, 96), mode="bilinear")[0]
+    assert torch.allclose(scores, whole, atol=1e-5)
+    assert torch.equal(labels, whole.argmax(0))
+    assert torch.allclose(scores.sum(0), torch.ones(48, 96), atol=1e-5)  # v3 mixes two softmaxes
+
+
+def test_batched_windows_equal_one_at_a_time(tiny_clip):
+    model = make_model(tiny_clip, gate=0.5)
+    text = F.normalize(torch.randn(4, 64), dim=-1)
+    image = torch.rand(3, 70, 150)
+    kw = dict(window=64, stride=32, short_side=64, bg_threshold=0.3)
+    lab1, sc1 = tagalign.segment(model.dense_features, image, text, window_batch=1, **kw)
+    lab16, sc16 = tagalign.segment(model.dense_features, image, text, window_batch=16, **kw)
+    assert len(tagalign.window_boxes(64, 137, 64, 32)) == 4
+    assert torch.allclose(sc1, sc16, atol=1e-5) and (lab1 == lab16).float().mean() > 0.999
+    assert sc16.shape == (5, 70, 150) and torch.all(sc16[0] == 0.3)
+
+
+def test_rules_and_background():
+    f_main = torch.tensor([[[[1.0, 0.0]]]])  # (1, 1, 1, 2)
+    f_clip = torch.tensor([[[[0.0, 1.0]]]])
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    v3 = tagalign.window_scores(f_main, f_clip, t, "v3", 0.5)[0, :, 0, 0]
+    p = torch.tensor([30.0, 0.0]).softmax(0)
+    assert torch.allclose(v3, 0.5 * p + 0.5 * p.flip(0))
+    v1 = tagalign.window_scores(f_main, f_clip, t, "v1")[0, :, 0, 0]
+    sig = lambda c: 1 / (1 + math.exp(-(10 * c - 2.5)))
+    assert v1.tolist() == pytest.approx([0.7 * sig(1) + 0.3 * sig(0), 0.7 * sig(0) + 0.3 * sig(1)], abs=1e-6)
+
+
+def pamr_transcribed(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
+    """SPEC section 7's PAMR, pixel by pixel (image (3, H, W), masks (C, H, W) already at image size)."""
+    _, H, W = image.shape
+    clamp = lambda v, hi: min(max(v, 0), hi - 1)  # replicate padding
+    offsets = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    aff = torch.zeros(len(offsets), H, W)
+    for y in range(H):
+        for x in range(W):
+            logits = torch.zeros(len(offsets))
+            for c in range(3):
+                window = [image[c, clamp(y + dy * d, H), clamp(x + dx * d, W)].item()
+                          for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+                sigma = statistics.stdev(window)
+                for n, (oy, ox) in enumerate(offsets):
+                    diff = abs(image[c, y, x].item() - image[c, clamp(y + oy, H), clamp(x + ox, W)].item())
+                    logits[n] += -diff / (1e-8 + 0.1 * sigma) / 3
+            aff[:, y, x] = logits.softmax(0)
+    for _ in range(iterations):
+        new = torch.zeros_like(masks)
+        for y in range(H):
+            for x in range(W):
+                for n, (oy, ox) in enumerate(offsets):
+                    new[:, y, x] += aff[n, y, x] * masks[:, clamp(y + oy, H), clamp(x + ox, W)]
+        masks = new
+    return masks
+
+
+def test_pamr_matches_transcription():
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 7, 9)
+    image[:, :, :, 5:] += 2.0  # an edge for the affinities to respect
+    masks = torch.rand(1, 2, 7, 9)
+    ours = tagalign.pamr(image, masks)
+    ref = pamr_transcribed(image[0].double(), masks[0].double())
+    assert torch.allclose(ours[0].double(), ref, atol=1e-5)
+    small = torch.rand(1, 2, 3, 4)  # masks are first resized bilinearly with align_corners=True
+    up = F.interpolate(small, size=(7, 9), mode="bilinear", align_corners=True)
+    assert torch.allclose(tagalign.pamr(image, small, iterations=1), tagalign.pamr(image, up, iterations=1))
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+
+def test_baselines_match_transcription(tiny_clip, tiny_state_dict):
+    sd, vis = tiny_state_dict, tiny_clip.visual
+    p = "visual.transformer.resblocks.7."
+    image = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        x, (h, w) = vis.embed(image)
+        for block in vis.transformer.resblocks[:-1]:
+            x = block(x)
+    ln = lambda t, name: F.layer_norm(t, (128,), sd[p + name + ".weight"], sd[p + name + ".bias"])
+    y = ln(x, "ln_1")
+    q, k, v = (y @ sd[p + "attn.in_proj_weight"].t() + sd[p + "attn.in_proj_bias"]).split(128, -1)
+    heads = lambda t: t.view(1, -1, 2, 64).transpose(1, 2)  # (1, 2, N, 64)
+    q, k, v = heads(q), heads(k), heads(v)
+    out = lambda o: o.transpose(1, 2).reshape(1, -1, 128) @ sd[p + "attn.out_proj.weight"].t() + sd[p + "attn.out_proj.bias"]
+    def mlp(t):
+        u = ln(t, "ln_2") @ sd[p + "mlp.c_fc.weight"].t() + sd[p + "mlp.c_fc.bias"]
+        return (u * torch.sigmoid(1.702 * u)) @ sd[p + "mlp.c_proj.weight"].t() + sd[p + "mlp.c_proj.bias"]
+    sm = lambda a, b: (a @ b.transpose(-1, -2) / 8).softmax(-1)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
+    prior = torch.zeros(1 + h * w, 1 + h * w)
+    prior[1:, 1:] = torch.exp(-((pos[:, None] - pos[None]) ** 2).sum(-1) / 50)
+    masked = x + out(v)
+    sclip = x + out((sm(q, q) + sm(k, k)) @ v)
+    expected = {
+        "maskclip": masked + mlp(masked),
+        "sclip": sclip + mlp(sclip),
+        "clearclip": out(sm(q, q) @ v),
+        "naclip": out((k @ k.transpose(-1, -2) / 8 + prior).softmax(-1) @ v),
+    }
+    for method, tokens in expected.items():
+        ref = (F.layer_norm(tokens[:, 1:], (128,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"])
+               @ sd["visual.proj"]).view(1, h, w, 64)
+        assert torch.allclose(tagalign.baseline_features(tiny_clip, image, method), ref, atol=1e-5), method
+    with torch.no_grad():
+        plain = vis.head(vis.transformer(vis.embed(image)[0])[:, 1:]).view(1, h, w, 64)
+    assert torch.allclose(tagalign.baseline_features(tiny_clip, image, "plain"), plain, atol=1e-6)
+    model = make_model(tiny_clip)  # the untrained TagAlign is exactly the CLIP Surgery baseline
+    assert torch.allclose(model.dense_features(image)[0], tagalign.baseline_features(tiny_clip, image, "surgery"), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown method"):
+        tagalign.baseline_features(tiny_clip, image, "gradcam")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints, CLI
+
+def test_checkpoint_round_trip_and_errors(tmp_path, tiny_clip):
+    model = make_model(tiny_clip, gate=0.3)
+    path = str(tmp_path / "ckpt.pt")
+    tagalign.save_checkpoint(path, model, clip_name="tiny.pt", step=7)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # atomic: no temp file left
+    loaded = tagalign.load_checkpoint(path, clip=tiny_clip)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x)[0], model(x)[0].detach())
+    assert torch.load(path)["step"] == 7 and not any(k.startswith("clip.") for k in torch.load(path)["model"])
+    with pytest.raises(FileNotFoundError):
+        tagalign.load_checkpoint(str(tmp_path / "nope.pt"), clip=tiny_clip)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="corrupt"):
+        tagalign.load_checkpoint(str(tmp_path / "bad.pt"), clip=tiny_clip)
+    other = clip_model.build_model(random_state_dict(clip_model.CLIPConfig(
+        embed_dim=32, image_resolution=64, vision_layers=2, vision_width=64, transformer_width=64,
+        transformer_heads=1, transformer_layers=1)))
+    with pytest.raises(ValueError, match="another CLIP"):
+        tagalign.load_checkpoint(path, clip=other)
+
+
+def test_command_line_writes_overlay_and_heatmaps(tmp_path, tiny_state_dict, tiny_clip):
+    from PIL import Image
+    torch.save(tiny_state_dict, tmp_path / "clip.pt")
+    Image.new("RGB", (90, 70), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    tagalign.save_checkpoint(str(tmp_path / "ckpt.pt"), make_model(tiny_clip, gate=0.2), str(tmp_path / "clip.pt"))
+    for extra in (["--checkpoint", str(tmp_path / "ckpt.pt")], ["--clip", str(tmp_path / "clip.pt"), "--method", "naclip"]):
+        out = tmp_path / ("out" + extra[0])
+        run = subprocess.run([sys.executable, os.path.join(ROOT, "tagalign.py"), "--image", str(tmp_path / "photo.jpg"),
+                              "--queries", "brown cat, dog,red thing", "--out-dir", str(out), "--short-side", "64",
+                              "--window", "64", "--stride", "32", "--bg-threshold", "0.2", *extra],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        files = sorted(os.listdir(out))
+        assert files == ["heatmap_00_brown_cat.png", "heatmap_01_dog.png", "heatmap_02_red_thing.png", "overlay.png"]
+        assert all(Image.open(out / f).size == (90, 70) for f in files)
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tagalign.py"), "--image", str(tmp_path / "missing.jpg"),
+                          "--queries", "cat", "--checkpoint", str(tmp_path / "ckpt.pt")], capture_output=True, text=True)
+    assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
