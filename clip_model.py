@@ -424,47 +424,49 @@ def read_state_dict(path):
     return dict(sd)
 
 
-def download(name="ViT-B/16", root=None):
-    """Fetch OpenAI's checkpoint to a cache (default ~/.cache/clip), check its SHA-256, return the path."""
-    url = MODELS.get(name, name)
-    if not url.startswith(("http://", "https://", "file://")):
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or pass a URL or a local path")
-    root = root or os.path.expanduser("~/.cache/clip")
-    os.makedirs(root, exist_ok=True)
-    filename = os.path.basename(url)
-    expected_sha = url.split("/")[-2]
-    target = os.path.join(root, filename)
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
-    def sha256(path):
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
 
+def download_file(url, target, sha256=None):
+    """Fetch url to target with a tqdm progress bar (via target.part, renamed when complete and, if sha256 is
+    given, verified). An existing verified file is reused. Offline: one clear line saying where to put it."""
+    if os.path.isfile(target) and (sha256 is None or file_sha256(target) == sha256):
+        return target
     if os.path.isfile(target):
-        if sha256(target) == expected_sha:
-            return target
         print(f"{target} exists but its SHA-256 does not match; downloading it again", file=sys.stderr)
     from tqdm import tqdm
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     tmp = target + ".part"
     try:
         with urllib.request.urlopen(url, timeout=30) as src, open(tmp, "wb") as dst:
             total = int(src.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=filename) as bar:
+            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(target)) as bar:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     dst.write(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError) as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RuntimeError(f"could not download {url} ({e}); download it by hand and put it at {target} "
-                           "(or pass its path with --checkpoint)") from None
-    if sha256(tmp) != expected_sha:
+        raise RuntimeError(f"could not download {url} ({e}); download it by hand and put it at {target}") from None
+    if sha256 is not None and file_sha256(tmp) != sha256:
         os.remove(tmp)
-        raise RuntimeError(f"downloaded {filename} does not match its SHA-256 {expected_sha}; try again")
+        raise RuntimeError(f"downloaded {os.path.basename(target)} does not match its SHA-256 {sha256}; try again")
     os.replace(tmp, target)
     return target
+
+
+def download(name="ViT-B/16", root=None):
+    """Fetch OpenAI's checkpoint to a cache (default ~/.cache/clip), check the SHA-256 in its URL, return the path."""
+    url = MODELS.get(name, name)
+    if not url.startswith(("http://", "https://", "file://")):
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or pass a URL or a local path")
+    root = root or os.path.expanduser("~/.cache/clip")
+    return download_file(url, os.path.join(root, os.path.basename(url)), sha256=url.split("/")[-2])
 
 
 def load(name_or_path="ViT-B/16", device="cpu", root=None):
