@@ -1,0 +1,489 @@
+"""
+Open-vocabulary segmentation benchmarks (SPEC section 7; layouts in ../shared/benchmarks/LAYOUTS.md) and referring
+segmentation on RefCOCO/+/g (REFCOCO.md), self-contained: no mmcv, mmseg or pycocotools.
+
+Run:
+    python evaluate.py --checkpoint runs/tagalign/ckpt.pt --dataset voc --data-root data/
+    python evaluate.py --checkpoint ckpt.pt --datasets all --data-root data/ --pamr
+    torchrun --nproc_per_node=8 evaluate.py --checkpoint ckpt.pt --datasets all --data-root data/
+    python evaluate.py --method naclip --clip ViT-B/16 --dataset ade --data-root data/      # a training-free baseline
+    python evaluate.py --checkpoint ckpt.pt --dataset refcoco --data-root data/refer/data/
+
+Datasets (folder under --data-root, as mmseg prepares them): voc, voc20 (VOCdevkit/VOC2012), context, context59
+(VOCdevkit/VOC2010), coco_object, coco_stuff (coco_stuff164k; build coco_object's labels with
+data/make_coco_object.py), cityscapes (cityscapes), ade (ade/ADEChallengeData2016), imagenet_s50, imagenet_s300
+(ImageNetS/ImageNetS{50,300}); refcoco, refcoco+, refcocog (the refer layout: --data-root is refer/data).
+Scores: per window rule v3 (Eq. 7-8; v1 with --rule v1), averaged over overlapping windows, resized to the
+original image; background (class 0 of voc, context, coco_object, imagenet_s*) when the best score is below the
+dataset's threshold. mIoU = mean over classes of TP / (TP + FP + FN) summed over the dataset (classes absent from
+both prediction and ground truth are skipped, as mmseg does).
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import clip_model
+import tagalign
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name: folder under --data-root, image/label dirs and suffixes, split file, class list, label conventions,
+# background threshold (None: no background class) and window stride of rule v3 (SPEC section 7).
+DATASETS = {
+    "voc": dict(root="VOCdevkit/VOC2012", img="JPEGImages", ann="SegmentationClass", img_suffix=".jpg",
+                seg_suffix=".png", split="ImageSets/Segmentation/val.txt", classes="voc21.txt", bg=0.45, stride=56),
+    "voc20": dict(root="VOCdevkit/VOC2012", img="JPEGImages", ann="SegmentationClass", img_suffix=".jpg",
+                  seg_suffix=".png", split="ImageSets/Segmentation/val.txt", classes="voc20.txt", reduce_zero=True,
+                  stride=56),
+    "context": dict(root="VOCdevkit/VOC2010", img="JPEGImages", ann="SegmentationClassContext", img_suffix=".jpg",
+                    seg_suffix=".png", split="ImageSets/SegmentationContext/val.txt", classes="context60.txt", bg=0.1,
+                    stride=56),
+    "context59": dict(root="VOCdevkit/VOC2010", img="JPEGImages", ann="SegmentationClassContext", img_suffix=".jpg",
+                      seg_suffix=".png", split="ImageSets/SegmentationContext/val.txt", classes="context59.txt",
+                      reduce_zero=True, stride=112),
+    "coco_object": dict(root="coco_stuff164k", img="images/val2017", ann="annotations/val2017", img_suffix=".jpg",
+                        seg_suffix="_instanceTrainIds.png", classes="coco_object81.txt", bg=0.3, stride=56),
+    "coco_stuff": dict(root="coco_stuff164k", img="images/val2017", ann="annotations/val2017", img_suffix=".jpg",
+                       seg_suffix="_labelTrainIds.png", classes="coco_stuff171.txt", stride=56),
+    "cityscapes": dict(root="cityscapes", img="leftImg8bit/val", ann="gtFine/val", img_suffix="_leftImg8bit.png",
+                       seg_suffix="_gtFine_labelTrainIds.png", classes="cityscapes19.txt", stride=56),
+    "ade": dict(root="ade/ADEChallengeData2016", img="images/validation", ann="annotations/validation",
+                img_suffix=".jpg", seg_suffix=".png", classes="ade150.txt", reduce_zero=True, stride=56),
+    "imagenet_s50": dict(root="ImageNetS/ImageNetS50", img="validation", ann="validation-segmentation",
+                         img_suffix=".JPEG", seg_suffix=".png", classes="imagenet_s50.txt", bg=0.3, stride=56,
+                         rgb_label=True, ignore=1000, shrink=1000),
+    "imagenet_s300": dict(root="ImageNetS/ImageNetS300", img="validation", ann="validation-segmentation",
+                          img_suffix=".JPEG", seg_suffix=".png", classes="imagenet_s300.txt", bg=0.1, stride=56,
+                          rgb_label=True, ignore=1000, shrink=1000),
+}
+STANDARD = list(DATASETS)
+REFER = {"refcoco": ("unc", ["val", "testA", "testB"]), "refcoco+": ("unc", ["val", "testA", "testB"]),
+         "refcocog": ("umd", ["val", "test"])}
+# Paper v3 Table (no post-processing / with PAMR), SPEC section 8.
+PAPER = {"voc": (55.3, 57.9), "context": (32.7, 34.3), "coco_object": (35.1, 35.4), "imagenet_s50": (52.8, 55.1),
+         "imagenet_s300": (34.4, 35.1), "voc20": (83.8, 88.4), "context59": (35.1, 38.6), "coco_stuff": (23.1, 25.8),
+         "cityscapes": (27.3, 27.6), "ade": (16.9, 17.3)}
+PAPER_REFER = {("refcoco", "val"): 18.75, ("refcoco", "testA"): 20.31, ("refcoco", "testB"): 20.64,
+               ("refcoco+", "val"): 19.24, ("refcoco+", "testA"): 20.88, ("refcoco+", "testB"): 21.23,
+               ("refcocog", "val"): 23.69}
+
+
+def read_classes(name):
+    with open(os.path.join(HERE, "data", name), encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]  # exact strings: ADE20K's 'bed ' keeps its trailing space
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files and labels
+
+def find_pairs(spec, root):
+    """(image, label) paths by mmseg's pairing rule, plus the images without a label and labels without an image."""
+    base = os.path.join(root, spec["root"])
+    img_dir, ann_dir = os.path.join(base, spec["img"]), os.path.join(base, spec["ann"])
+    for d in (img_dir, ann_dir):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{d} not found. Expected layout under {base}: images in {spec['img']}/*"
+                                    f"{spec['img_suffix']}, labels in {spec['ann']}/*{spec['seg_suffix']}"
+                                    + (f", split file {spec['split']}" if spec.get("split") else "")
+                                    + " (see ../shared/benchmarks/LAYOUTS.md)")
+
+    def scan(folder, suffix):
+        out = []
+        for dirpath, _, names in os.walk(folder):
+            out += [os.path.relpath(os.path.join(dirpath, n), folder)[:-len(suffix)] for n in names if n.endswith(suffix)]
+        return set(out)
+
+    if spec.get("split"):
+        split = os.path.join(base, spec["split"])
+        if not os.path.isfile(split):
+            raise FileNotFoundError(f"split file {split} not found")
+        stems = [line.strip() for line in open(split) if line.strip()]
+        images = {s for s in stems if os.path.isfile(os.path.join(img_dir, s + spec["img_suffix"]))}
+        labels = {s for s in stems if os.path.isfile(os.path.join(ann_dir, s + spec["seg_suffix"]))}
+        missing_image = sorted(set(stems) - images)
+    else:
+        images, labels = scan(img_dir, spec["img_suffix"]), scan(ann_dir, spec["seg_suffix"])
+        labels -= {s for s in labels if spec["seg_suffix"] == ".png" and s.endswith(("_labelTrainIds", "_instanceTrainIds"))}
+        missing_image = sorted(labels - images)
+    pairs = [(os.path.join(img_dir, s + spec["img_suffix"]), os.path.join(ann_dir, s + spec["seg_suffix"]))
+             for s in sorted(images & labels)]
+    return pairs, sorted(images - labels), missing_image
+
+
+def pil_to_long(img):
+    """PIL image -> (H, W) or (H, W, C) int64 tensor of its raw values (palette indices for 'P' images)."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    channels = len(img.getbands())
+    return data.view(img.height, img.width, channels).long().squeeze(-1)
+
+
+def load_label(path, spec, num_classes):
+    """Label PNG -> (H, W) long with 255 (or the dataset's ignore id) for ignored pixels, per mmseg's conventions.
+    Returns (label, sorted list of values outside the class range, which are then ignored)."""
+    from PIL import Image
+    img = Image.open(path)
+    ignore = spec.get("ignore", 255)
+    if spec.get("rgb_label"):
+        rgb = pil_to_long(img.convert("RGB"))
+        label = rgb[..., 0] + 256 * rgb[..., 1]  # ImageNet-S: id = R + 256 G (widened before the multiply)
+    else:
+        if img.mode not in ("P", "L", "I", "I;16"):
+            raise ValueError(f"{path}: label PNG has mode {img.mode}; expected an index/grayscale PNG "
+                             "(never convert labels to RGB)")
+        label = pil_to_long(img) if img.mode in ("P", "L") else torch.tensor(list(img.getdata())).view(img.height, img.width)
+    if spec.get("reduce_zero"):
+        label = torch.where(label == 0, 255, label - 1)
+        label[label == 254] = 255
+    valid = label != ignore
+    bad = sorted(set(label[valid & ((label < 0) | (label >= num_classes))].unique().tolist()))
+    if bad:
+        label = label.clone()
+        label[valid & ((label < 0) | (label >= num_classes))] = ignore
+    return label, bad
+
+
+def confusion(pred, gt, num_classes, ignore=255):
+    """(C, C) counts: rows ground truth, columns prediction; ignored pixels dropped."""
+    keep = gt != ignore
+    idx = gt[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def iou_from_confusion(cm):
+    """Per-class IoU = TP / (TP + FP + FN) (NaN where a class is absent from both), mIoU = nanmean, aAcc."""
+    cm = cm.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    miou = iou[~iou.isnan()].mean().item() if (~iou.isnan()).any() else float("nan")
+    return iou, miou, (tp.sum() / cm.sum().clamp(min=1)).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation loops
+
+def distributed_sum(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def settings(name, args):
+    """Per-dataset defaults of SPEC section 7, overridden by flags."""
+    spec = DATASETS[name]
+    v1 = args.rule == "v1"
+    bg = None if spec.get("bg") is None else (0.4 if v1 else spec["bg"])
+    if args.bg_threshold is not None and spec.get("bg") is not None:
+        bg = args.bg_threshold
+    stride = args.stride or (224 if v1 else spec["stride"])
+    return bg, stride
+
+
+def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_dir=None):
+    """mIoU of one benchmark. features: windows -> (f_main, f_clip); embed_texts: class names -> (C, D)."""
+    from PIL import Image
+    from tqdm import tqdm
+    spec = DATASETS[name]
+    classes = read_classes(spec["classes"])
+    bg, stride = settings(name, args)
+    pairs, no_label, no_image = find_pairs(spec, args.data_root)
+    if rank == 0 and (no_label or no_image):
+        print(f"{name}: {len(no_label)} images without a label (e.g. {no_label[:3]}), {len(no_image)} labels "
+              f"without an image (e.g. {no_image[:3]}); evaluating the {len(pairs)} complete pairs", file=sys.stderr)
+    if args.limit:
+        pairs = pairs[:args.limit]
+    prompts = classes[1:] if bg is not None else classes  # background is never a text prompt
+    text = embed_texts(prompts)
+    C = len(classes)
+    ignore = spec.get("ignore", 255)
+    cm = torch.zeros(C, C, dtype=torch.long)
+    bad_values = {}
+    mine = list(range(rank, len(pairs), world))
+    for n, i in enumerate(tqdm(mine, desc=name, disable=rank != 0 or not args.progress)):
+        img_path, ann_path = pairs[i]
+        img = Image.open(img_path).convert("RGB")
+        gt, bad = load_label(ann_path, spec, C)
+        if bad:
+            bad_values[ann_path] = bad
+        if spec.get("shrink") and img.width * img.height > spec["shrink"] ** 2:  # ImageNet-S's large images
+            s = spec["shrink"] / max(img.width, img.height)
+            img = img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
+        pred, _ = tagalign.segment(features, img, text, rule=args.rule, clip_weight=args.clip_weight,
+                                   bg_threshold=bg, window=args.window, stride=stride, use_pamr=args.pamr,
+                                   window_batch=args.window_batch)
+        pred = pred.cpu()
+        if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
+            pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
+        cm += confusion(pred, gt, C, ignore)
+        if save_dir and i < args.save_predictions:
+            save_prediction(save_dir, name, img_path, pred, gt, C, ignore)
+    if bad_values:
+        for path, values in bad_values.items():
+            print(f"warning: {path}: label values {values} outside 0..{C - 1}; ignored", file=sys.stderr)
+    cm = distributed_sum(cm)
+    iou, miou, acc = iou_from_confusion(cm)
+    return {"dataset": name, "miou": 100 * miou, "aacc": 100 * acc, "images": len(pairs),
+            "per_class_iou": {c: (None if math.isnan(v) else 100 * v) for c, v in zip(classes, iou.tolist())},
+            "background_threshold": bg, "stride": stride, "images_without_label": no_label,
+            "labels_without_image": no_image, "bad_label_values": bad_values}
+
+
+def save_prediction(folder, name, img_path, pred, gt, C, ignore):
+    from PIL import Image
+    colours = tagalign.palette(max(C, 2) + 1)[1:]
+    gt_vis = torch.where(gt == ignore, 0, gt).clamp(max=C - 1)
+    both = torch.cat([colours[pred], colours[gt_vis]], dim=1)  # prediction | ground truth
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    stem = os.path.splitext(os.path.basename(img_path))[0]
+    Image.fromarray(both.numpy()).save(os.path.join(folder, name, f"{stem}.png"))
+
+
+# ---- RefCOCO: COCO masks without pycocotools
+
+def rle_from_string(s):
+    """COCO's compressed RLE string -> list of run lengths (5-bit chunks, continuation bit, sign, delta from the
+    run two places back)."""
+    counts, p = [], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1f) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def rle_decode(counts, h, w):
+    """Run lengths (column-major, starting with zeros) -> (h, w) uint8 mask."""
+    if isinstance(counts, (bytes, str)):
+        counts = rle_from_string(counts.decode() if isinstance(counts, bytes) else counts)
+    values = torch.arange(len(counts)) % 2
+    flat = torch.repeat_interleave(values.to(torch.uint8), torch.tensor(counts, dtype=torch.long))
+    if flat.numel() != h * w:
+        raise ValueError(f"RLE covers {flat.numel()} pixels, expected {h} x {w}")
+    return flat.view(w, h).t().contiguous()
+
+
+def polygon_rle(xy, h, w):
+    """A COCO polygon [x0, y0, x1, y1, ...] -> run lengths, rasterised as COCO's API does (boundary traced at 5x
+    resolution, then the pixels whose centres fall inside are kept)."""
+    scale = 5.0
+    k = len(xy) // 2
+    x = [int(scale * xy[2 * j] + 0.5) for j in range(k)] + [int(scale * xy[0] + 0.5)]
+    y = [int(scale * xy[2 * j + 1] + 0.5) for j in range(k)] + [int(scale * xy[1] + 0.5)]
+    u, v = [], []
+    for j in range(k):  # dense boundary points of each edge
+        xs, xe, ys, ye = x[j], x[j + 1], y[j], y[j + 1]
+        dx, dy = abs(xe - xs), abs(ys - ye)
+        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
+        if flip:
+            xs, xe, ys, ye = xe, xs, ye, ys
+        if dx >= dy:
+            s = (ye - ys) / dx if dx else 0.0
+            for d in range(dx + 1):
+                t = dx - d if flip else d
+                u.append(t + xs)
+                v.append(int(ys + s * t + 0.5))
+        else:
+            s = (xe - xs) / dy if dy else 0.0
+            for d in range(dy + 1):
+                t = dy - d if flip else d
+                v.append(t + ys)
+                u.append(int(xs + s * t + 0.5))
+    px, py = [], []
+    for j in range(1, len(u)):  # where the boundary crosses a pixel column, back at 1x
+        if u[j] == u[j - 1]:
+            continue
+        xd = (min(u[j], u[j - 1]) + 0.5) / scale - 0.5
+        if math.floor(xd) != xd or xd < 0 or xd > w - 1:
+            continue
+        yd = (min(v[j], v[j - 1]) + 0.5) / scale - 0.5
+        yd = math.ceil(min(max(yd, 0.0), float(h)))
+        px.append(int(xd))
+        py.append(int(yd))
+    a = sorted([xx * h + yy for xx, yy in zip(px, py)] + [h * w])
+    runs, prev = [], 0
+    for t in a:
+        runs.append(t - prev)
+        prev = t
+    b = [runs[0]]
+    j = 1
+    while j < len(runs):  # merge zero-length runs
+        if runs[j] > 0:
+            b.append(runs[j])
+            j += 1
+        else:
+            j += 1
+            if j < len(runs):
+                b[-1] += runs[j]
+                j += 1
+    return b
+
+
+def annotation_mask(segmentation, h, w):
+    """A COCO annotation's segmentation (polygons, uncompressed or compressed RLE) -> (h, w) bool mask; several
+    polygon parts are united (refer sums them and keeps == 1; we keep > 0, see REFCOCO.md)."""
+    if isinstance(segmentation, list):
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        for poly in segmentation:
+            mask |= rle_decode(polygon_rle(poly, h, w), h, w).bool()
+        return mask
+    return rle_decode(segmentation["counts"], *segmentation["size"]).bool()
+
+
+def evaluate_refer(name, features, embed_texts, args, rank=0, world=1):
+    """mIoU (mean of per-expression IoU) and oIoU (sum I / sum U) per split. The mask of an expression: its
+    'cosine' map (the rule-v3 blend of cosines) min-max normalised over the image, above --ref-threshold."""
+    from PIL import Image
+    from tqdm import tqdm
+    split_by, splits = REFER[name]
+    base = os.path.join(args.data_root, name)
+    refs_path, inst_path = os.path.join(base, f"refs({split_by}).p"), os.path.join(base, "instances.json")
+    image_dir = os.path.join(args.data_root, "images", "mscoco", "images", "train2014")
+    for p in (refs_path, inst_path, image_dir):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found. Expected the refer layout under {args.data_root}: {name}/refs"
+                                    f"({split_by}).p, {name}/instances.json, images/mscoco/images/train2014/ "
+                                    "(see ../shared/benchmarks/REFCOCO.md)")
+    with open(refs_path, "rb") as f:
+        refs = pickle.load(f)
+    instances = json.load(open(inst_path))
+    anns = {a["id"]: a for a in instances["annotations"]}
+    images = {i["id"]: i for i in instances["images"]}
+    results = {}
+    for split in splits:
+        by_image = {}
+        for ref in refs:
+            if ref["split"] == split:
+                by_image.setdefault(ref["image_id"], []).append(ref)
+        image_ids = sorted(by_image)[rank::world]
+        if args.limit:
+            image_ids = image_ids[:args.limit]
+        totals = torch.zeros(3, dtype=torch.float64)  # sum I, sum U, sum per-expression IoU
+        count = torch.zeros(1, dtype=torch.float64)
+        for image_id in tqdm(image_ids, desc=f"{name} {split}", disable=rank != 0 or not args.progress):
+            info = images[image_id]
+            img = Image.open(os.path.join(image_dir, info["file_name"])).convert("RGB")  # not ref['file_name']
+            sentences, masks = [], []
+            for ref in by_image[image_id]:
+                gt = annotation_mask(anns[ref["ann_id"]]["segmentation"], info["height"], info["width"])
+                for sent in ref["sentences"]:
+                    sentences.append(sent["raw"].lower().strip())
+                    masks.append(gt)
+            _, scores = tagalign.segment(features, img, embed_texts(sentences), rule="cosine",
+                                         clip_weight=args.clip_weight, window=args.window,
+                                         stride=args.stride or 224, use_pamr=args.pamr, window_batch=args.window_batch)
+            lo = scores.flatten(1).min(1).values.view(-1, 1, 1)
+            hi = scores.flatten(1).max(1).values.view(-1, 1, 1)
+            preds = ((scores - lo) / (hi - lo).clamp(min=1e-8) > args.ref_threshold).cpu()
+            for pred, gt in zip(preds, masks):
+                inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
+                totals += torch.tensor([inter, union, inter / union if union else 0.0], dtype=torch.float64)
+                count += 1
+        totals, count = distributed_sum(totals), distributed_sum(count)
+        results[split] = {"miou": 100 * (totals[2] / count.clamp(min=1)).item(),
+                          "oiou": 100 * (totals[0] / totals[1].clamp(min=1)).item(), "expressions": int(count.item())}
+    return {"dataset": name, "splits": results, "threshold": args.ref_threshold}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+def results_table(results, pamr):
+    rows = ["| dataset | mIoU | paper |", "|---|---|---|"]
+    for r in results:
+        if "splits" in r:
+            for split, s in r["splits"].items():
+                paper = PAPER_REFER.get((r["dataset"], split))
+                rows.append(f"| {r['dataset']} {split} | {s['miou']:.2f} (oIoU {s['oiou']:.2f}) | "
+                            f"{'-' if paper is None else paper} |")
+        else:
+            rows.append(f"| {r['dataset']} | {r['miou']:.2f} | {PAPER[r['dataset']][1 if pamr else 0]} |")
+    return "\n".join(rows)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate TagAlign (or a training-free baseline) on the benchmarks")
+    p.add_argument("--checkpoint", default=None, help="TagAlign checkpoint (train.py); omitted: untrained = CLIP Surgery")
+    p.add_argument("--clip", default=None, help="CLIP checkpoint path or name (default: the checkpoint's, else ViT-B/16)")
+    p.add_argument("--method", default="tagalign", choices=("tagalign",) + tagalign.BASELINES, help="feature source")
+    p.add_argument("--dataset", default=None, help="one dataset: " + ", ".join(STANDARD + list(REFER)))
+    p.add_argument("--datasets", default=None, help="comma-separated datasets, or 'all' (the ten) or 'refer'")
+    p.add_argument("--data-root", required=True, help="folder holding the datasets' folders (see the docstring)")
+    p.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (SPEC section 7)")
+    p.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
+    p.add_argument("--bg-threshold", type=float, default=None, help="override the dataset's background threshold")
+    p.add_argument("--stride", type=int, default=None, help="override the dataset's window stride")
+    p.add_argument("--window", type=int, default=448, help="sliding window size")
+    p.add_argument("--window-batch", type=int, default=16, help="windows per forward")
+    p.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"], help="prompt templates")
+    p.add_argument("--pamr", action="store_true", help="PAMR post-processing (the paper's 'Post' rows)")
+    p.add_argument("--ref-threshold", type=float, default=0.5, help="RefCOCO: threshold on the min-max normalised map")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images per dataset (0: all)")
+    p.add_argument("--out", default="out/eval", help="folder for results.json and prediction PNGs")
+    p.add_argument("--save-predictions", type=int, default=0, help="write PNGs (prediction | truth) of the first N images")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    names = (args.datasets or args.dataset or "").split(",")
+    names = STANDARD if names == ["all"] else list(REFER) if names == ["refer"] else [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in DATASETS and n not in REFER]
+    if not names or unknown:
+        sys.exit(f"error: unknown or no dataset {unknown}; choose from {', '.join(STANDARD + list(REFER))}, all, refer")
+    try:
+        clip = clip_model.load(args.clip, device=device) if args.clip else None
+        if args.checkpoint:
+            model = tagalign.load_checkpoint(args.checkpoint, clip, device)
+        else:
+            model = tagalign.TagAlign(clip or clip_model.load("ViT-B/16", device=device)).to(device).eval()
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    templates = tagalign.load_templates(args.templates)
+    features = tagalign.feature_fn(model, args.method)
+    embed = lambda names_: tagalign.text_embeddings(model.clip, names_, templates).to(device)
+    results = []
+    t0 = time.time()
+    for name in names:
+        try:
+            if name in REFER:
+                results.append(evaluate_refer(name, features, embed, args, rank, world))
+            else:
+                results.append(evaluate_dataset(name, features, embed, args, rank, world, args.out))
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"args": vars(args), "results": results, "seconds": time.time() - t0}, f, indent=1)
+        print(results_table(results, args.pamr))
+        print(f"per-class IoU in {os.path.join(args.out, 'results.json')}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

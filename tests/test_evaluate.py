@@ -1,0 +1,353 @@
+"""evaluate.py: mIoU against hand-computed values and an independent per-class computation; every dataset as a tiny
+fixture in its exact on-disk layout and label encoding, scored end to end with an oracle whose predictions are
+known; RefCOCO masks against pycocotools; one process vs two gloo processes; bad input."""
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import clip_model
+import evaluate
+from conftest import ROOT
+
+# Fixture images are 448 x 448 (no resize, one window) made of 64-pixel blocks of flat colours; the oracle reads
+# each patch's colour, so its prediction is exact.
+COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 230, 40), (230, 40, 220), (40, 220, 230),
+           (130, 130, 130), (250, 250, 250), (10, 10, 10)]
+BACKGROUND = 8  # colour index the oracle maps to no class (orthogonal to every text embedding)
+# One embedding dimension per class name of any benchmark (+1 for "no class"): the oracle and the text embedder
+# agree on names, so a prompt list in the wrong order or with an extra entry shows up as wrong predictions.
+NAMES = sorted({n for spec in evaluate.DATASETS.values() for n in evaluate.read_classes(spec["classes"])}
+               | {"Yellow square", "the yellow one", "MAGENTA box"})
+DIM = {n: i for i, n in enumerate(NAMES)}
+D = len(NAMES) + 1
+
+
+def oracle(colour_to_prompt, threshold=None, n_prompts=None):
+    """features(windows) for the inference path: the unit vector of the prompt index of each patch's colour
+    (background colours: a direction orthogonal to every prompt, so the v3 score is uniform, 1/C).
+    With a background threshold the class score t is calibrated so that (t + 1/C) / 2 = threshold: the score
+    map, linearly interpolated between patch centres, then crosses the threshold exactly on the region
+    boundary, and the predictor is perfect also where background meets a class."""
+    a = 1.0
+    if threshold is not None:
+        target = 2 * threshold - 1 / n_prompts  # softmax(30 a) of the class among n_prompts, the others at cos 0
+        a = math.log(target * (n_prompts - 1) / (1 - target)) / 30
+    mean = torch.tensor(clip_model.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(clip_model.IMAGENET_STD).view(1, 3, 1, 1)
+    palette = torch.tensor(COLOURS, dtype=torch.float)
+
+    def features(windows):
+        rgb = (windows * std + mean) * 255
+        centres = rgb[:, :, 8::16, 8::16].permute(0, 2, 3, 1)  # (n, h, w, 3)
+        nearest = torch.cdist(centres.reshape(-1, 3), palette).argmin(1).view(centres.shape[:3])
+        dims = torch.tensor([DIM[colour_to_prompt[c]] if c in colour_to_prompt else D - 1
+                             for c in range(len(COLOURS))])[nearest]
+        f = torch.nn.functional.one_hot(dims, D).float()
+        is_class = (dims != D - 1).unsqueeze(-1)
+        f = torch.where(is_class, a * f + math.sqrt(1 - a * a) * torch.nn.functional.one_hot(torch.tensor(D - 1), D), f)
+        return f, f
+    return features
+
+
+def embed_identity(names):
+    return torch.stack([torch.nn.functional.one_hot(torch.tensor(DIM[n]), D).float() for n in names])
+
+
+def args_for(root, **kw):
+    base = dict(data_root=str(root), rule="v3", clip_weight=0.5, bg_threshold=None, stride=None, window=448,
+                window_batch=4, pamr=False, limit=0, save_predictions=0, progress=False, ref_threshold=0.5)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def block_layout(seed, class_colours):
+    """Seven 64-pixel horizontal bands of colour indices -> (448, 448) colour index map. Bands, not a
+    checkerboard: where three regions meet, bilinear upsampling of the 16-pixel patch maps lets the two
+    neighbours outvote a corner pixel, so only 1-D boundaries (on the patch grid) come out exact."""
+    rng = random.Random(seed)
+    colours = class_colours + [rng.choice(class_colours) for _ in range(7 - len(class_colours))]
+    rng.shuffle(colours)
+    return torch.tensor(colours).repeat_interleave(64).view(448, 1).expand(448, 448).clone()
+
+
+def save_image(path, cmap, fmt=None):
+    from PIL import Image
+    rgb = torch.tensor(COLOURS, dtype=torch.uint8)[cmap]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(rgb.numpy()).save(path, quality=100, subsampling=0) if fmt == "jpeg" else Image.fromarray(rgb.numpy()).save(path)
+
+
+def save_label(path, label, mode):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if mode == "rgb":  # ImageNet-S: id = R + 256 G
+        rgb = torch.stack([label % 256, label // 256, torch.zeros_like(label)], -1).to(torch.uint8)
+        Image.fromarray(rgb.numpy(), "RGB").save(path)
+    else:
+        img = Image.fromarray(label.to(torch.uint8).numpy(), "L")
+        if mode == "P":  # VOC: a palette PNG whose indices are the class ids
+            img = img.convert("P")
+            img.putpalette([v for i in range(256) for v in ((i * 37) % 256, (i * 91) % 256, (i * 53) % 256)])
+        img.save(path)
+
+
+# dataset -> (raw label of each used colour; None = the colour is not a class), special raw values to paint
+FIXTURES = {
+    "voc": ({0: 1, 1: 15, 2: 20, BACKGROUND: 0}, 255, "P"),
+    "voc20": ({0: 1, 1: 15, 2: 20, BACKGROUND: 0}, 255, "P"),
+    "context": ({0: 1, 1: 33, 2: 59, BACKGROUND: 0}, None, "L"),
+    "context59": ({0: 1, 1: 33, 2: 59, BACKGROUND: 0}, None, "L"),
+    "coco_object": ({0: 1, 1: 45, 2: 80, BACKGROUND: 0}, None, "L"),
+    "coco_stuff": ({0: 0, 1: 90, 2: 170}, 255, "L"),
+    "cityscapes": ({0: 0, 1: 11, 2: 18}, 255, "L"),
+    "ade": ({0: 1, 1: 8, 2: 150, BACKGROUND: 0}, None, "L"),
+    "imagenet_s50": ({0: 1, 1: 25, 2: 50, BACKGROUND: 0}, 1000, "rgb"),
+    "imagenet_s300": ({0: 1, 1: 256, 2: 300, BACKGROUND: 0}, 1000, "rgb"),
+}
+
+
+def build_fixture(root, name, n_images=3):
+    """Write the dataset's files in its exact layout; return colour -> the class name the colour shows."""
+    spec = evaluate.DATASETS[name]
+    colour_raw, ignore_raw, mode = FIXTURES[name]
+    base = root / spec["root"]
+    stems = []
+    for i in range(n_images):
+        stem = {"cityscapes": f"frankfurt/frankfurt_{i:06d}_000019", "imagenet_s50": f"n01443537/ILSVRC2012_val_{i:08d}",
+                "imagenet_s300": f"n01443537/ILSVRC2012_val_{i:08d}", "voc": f"2007_{i:06d}",
+                "voc20": f"2007_{i:06d}"}.get(name, f"{i:012d}")
+        stems.append(stem)
+        cmap = block_layout(i + hash(name) % 100, list(colour_raw))
+        label = torch.zeros_like(cmap)
+        for c, v in colour_raw.items():
+            label[cmap == c] = v
+        if ignore_raw is not None:
+            label[:32, :] = ignore_raw  # an ignored band (VOC's boundary 255, ImageNet-S's 1000)
+        save_image(str(base / spec["img"] / (stem + spec["img_suffix"])), cmap,
+                   "jpeg" if spec["img_suffix"].lower() in (".jpg", ".jpeg") else None)
+        save_label(str(base / spec["ann"] / (stem + spec["seg_suffix"])), label, mode)
+    if spec.get("split"):
+        split = base / spec["split"]
+        os.makedirs(split.parent, exist_ok=True)
+        split.write_text("\n".join(stems) + "\n")
+    classes, named = evaluate.read_classes(spec["classes"]), {}
+    for c, raw in colour_raw.items():
+        if c == BACKGROUND:  # raw 0: ignored (reduce_zero) or decided by the threshold, never a prompt
+            continue
+        named[c] = classes[raw - 1 if spec.get("reduce_zero") else raw]
+    return named
+
+
+# ---------------------------------------------------------------------------------------------- metric
+
+def test_iou_hand_computed():
+    gt = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1]])
+    cm = evaluate.confusion(pred, gt, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]
+    iou, miou, acc = evaluate.iou_from_confusion(cm)
+    # class 0: TP 2, FP 1, FN 1 -> 2/4; class 1: TP 2, FP 1 -> 2/3; class 2: TP 1, FN 1 -> 1/2
+    assert iou.tolist() == pytest.approx([0.5, 2 / 3, 0.5])
+    assert miou == pytest.approx((0.5 + 2 / 3 + 0.5) / 3) and acc == pytest.approx(5 / 7)
+    iou, miou, _ = evaluate.iou_from_confusion(evaluate.confusion(pred, gt, 4))
+    assert math.isnan(iou[3]) and miou == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)  # absent class skipped
+
+
+def test_iou_against_independent_computation_on_random_maps():
+    g = torch.Generator().manual_seed(0)
+    C = 7
+    cm = torch.zeros(C, C, dtype=torch.long)
+    tp, fp, fn = torch.zeros(C), torch.zeros(C), torch.zeros(C)
+    for _ in range(5):
+        gt = torch.randint(0, C, (40, 50), generator=g)
+        gt[torch.rand(40, 50, generator=g) < 0.2] = 255
+        pred = torch.where(torch.rand(40, 50, generator=g) < 0.6, gt.clamp(max=C - 1), torch.randint(0, C, (40, 50), generator=g))
+        cm += evaluate.confusion(pred, gt, C)
+        valid = gt != 255
+        for c in range(C):  # per class with boolean masks, the textbook definition
+            tp[c] += ((pred == c) & (gt == c) & valid).sum()
+            fp[c] += ((pred == c) & (gt != c) & valid).sum()
+            fn[c] += ((pred != c) & (gt == c) & valid).sum()
+    iou, miou, _ = evaluate.iou_from_confusion(cm)
+    expected = tp / (tp + fp + fn)
+    assert torch.allclose(iou.float(), expected, atol=1e-6) and miou == pytest.approx(expected.mean().item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- every dataset
+
+def calibrated(name, to_prompt):
+    spec = evaluate.DATASETS[name]
+    n = len(evaluate.read_classes(spec["classes"])) - 1
+    return oracle(to_prompt, spec["bg"], n) if spec.get("bg") is not None else oracle(to_prompt)
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_perfect_predictor_scores_100_on_every_dataset(tmp_path, name):
+    to_prompt = build_fixture(tmp_path, name)
+    result = evaluate.evaluate_dataset(name, calibrated(name, to_prompt), embed_identity, args_for(tmp_path))
+    assert result["images"] == 3 and not result["bad_label_values"]
+    assert result["miou"] == pytest.approx(100.0, abs=1e-6), result["per_class_iou"]
+    scored = [c for c, v in result["per_class_iou"].items() if v is not None]
+    expected = {"voc": 4, "voc20": 3, "context": 4, "context59": 3, "coco_object": 4, "coco_stuff": 3,
+                "cityscapes": 3, "ade": 3, "imagenet_s50": 4, "imagenet_s300": 4}[name]
+    assert len(scored) == expected, scored  # background counts where it is a class, is ignored where reduced
+
+
+def test_swapped_class_gives_the_computed_miou(tmp_path):
+    to_prompt = build_fixture(tmp_path, "voc")
+    from PIL import Image
+    counts = torch.zeros(21, dtype=torch.long)
+    for stem in (tmp_path / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split():
+        label = evaluate.pil_to_long(Image.open(tmp_path / f"VOCdevkit/VOC2012/SegmentationClass/{stem}.png"))
+        counts += torch.bincount(label[label != 255], minlength=256)[:21]
+    swapped = {**to_prompt, 1: to_prompt[2]}  # class 15's colour predicted as class 20
+    result = evaluate.evaluate_dataset("voc", calibrated("voc", swapped), embed_identity, args_for(tmp_path))
+    # background and class 1 perfect; class 15: IoU 0; class 20: TP = n20, union = n20 + n15
+    expected = (1 + 1 + 0 + counts[20] / (counts[20] + counts[15])) / 4
+    assert result["miou"] == pytest.approx(100 * expected.item(), abs=1e-4)
+
+
+def test_background_threshold_and_rule_v1(tmp_path):
+    to_prompt = build_fixture(tmp_path, "voc")
+    # threshold 1.01: every pixel is background -> only the background class has TP
+    result = evaluate.evaluate_dataset("voc", oracle(to_prompt), embed_identity, args_for(tmp_path, bg_threshold=1.01))
+    assert result["per_class_iou"]["background"] > 0 and result["per_class_iou"]["aeroplane"] == 0
+    v1 = evaluate.evaluate_dataset("voc", oracle(to_prompt), embed_identity, args_for(tmp_path, rule="v1"))
+    # v1: classes score 0.7 s(7.5) + 0.3 s(7.5) = 0.9994, background 0.076; the 0.4 crossing sits 5 pixels
+    # into the background band at each class/background boundary
+    assert v1["stride"] == 224 and v1["background_threshold"] == 0.4
+    assert v1["per_class_iou"]["aeroplane"] < 100 and v1["miou"] > 95
+
+
+def test_imagenet_s_large_image_is_shrunk_and_scored_at_label_size(tmp_path):
+    to_prompt = build_fixture(tmp_path, "imagenet_s50", n_images=1)
+    spec = evaluate.DATASETS["imagenet_s50"]
+    stem = "n01443537/ILSVRC2012_val_00000009"
+    # 1008 x 1120 pixels (area > 1000^2) in 192-pixel bands, about 85 pixels after the shrink and the resize
+    cmap = torch.tensor([0, 1, 2, 0, 1, 2]).repeat_interleave(192)[:1120].view(1120, 1).expand(1120, 1008).clone()
+    save_image(str(tmp_path / spec["root"] / spec["img"] / (stem + ".JPEG")), cmap, "jpeg")
+    label = torch.tensor([1, 25, 50])[cmap]
+    save_label(str(tmp_path / spec["root"] / spec["ann"] / (stem + ".png")), label, "rgb")
+    result = evaluate.evaluate_dataset("imagenet_s50", calibrated("imagenet_s50", to_prompt), embed_identity,
+                                       args_for(tmp_path, stride=448))
+    assert result["images"] == 2 and result["miou"] > 90  # two resizes move the band boundaries off the patch grid
+
+
+def test_bad_input_is_reported(tmp_path, capsys):
+    to_prompt = build_fixture(tmp_path, "voc")
+    base = tmp_path / "VOCdevkit/VOC2012"
+    with open(base / "ImageSets/Segmentation/val.txt", "a") as f:
+        f.write("2007_999999\n")  # listed in the split, no files
+    from PIL import Image
+    label = evaluate.pil_to_long(Image.open(base / "SegmentationClass/2007_000000.png"))
+    label[100:110, 100:110] = 42  # outside 0..20
+    save_label(str(base / "SegmentationClass/2007_000000.png"), label, "P")
+    (base / "JPEGImages/2007_000001.jpg").unlink()
+    result = evaluate.evaluate_dataset("voc", oracle(to_prompt), embed_identity, args_for(tmp_path))
+    assert result["images"] == 2 and result["labels_without_image"] == ["2007_000001", "2007_999999"]
+    assert result["bad_label_values"] == {str(base / "SegmentationClass/2007_000000.png"): [42]}
+    assert "label values [42] outside 0..20" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="Expected layout under .*ADEChallengeData2016"):
+        evaluate.evaluate_dataset("ade", oracle(to_prompt), embed_identity, args_for(tmp_path))
+
+
+def _eval_worker(rank, world, init_file, root, swapped, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    r = evaluate.evaluate_dataset("context", calibrated("context", swapped), embed_identity, args_for(root), rank, world)
+    if rank == 0:
+        torch.save(r, out)
+    dist.destroy_process_group()
+
+
+def test_one_process_and_two_gloo_processes_agree(tmp_path):
+    to_prompt = build_fixture(tmp_path, "context", n_images=5)
+    swapped = {**to_prompt, 1: to_prompt[2]}
+    single = evaluate.evaluate_dataset("context", calibrated("context", swapped), embed_identity, args_for(tmp_path))
+    mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), tmp_path, swapped, str(tmp_path / "r.pt")), nprocs=2)
+    double = torch.load(tmp_path / "r.pt", weights_only=False)
+    assert double["per_class_iou"] == single["per_class_iou"] and double["miou"] == single["miou"]
+    assert 0 < single["miou"] < 100
+
+
+def test_make_coco_object_converter(tmp_path):
+    raw = torch.tensor([[0, 1, 90, 89], [91, 181, 255, 12]])  # person, bicycle, raw 90 unused, toothbrush...
+    folder = tmp_path / "annotations" / "val2017"
+    save_label(str(folder / "000000000001.png"), raw, "L")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_coco_object.py"), str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    from PIL import Image
+    out = evaluate.pil_to_long(Image.open(folder / "000000000001_instanceTrainIds.png"))
+    # raw 0 person -> 1, raw 1 bicycle -> 2, raw 90 unused -> 0, raw 89 toothbrush -> 80, stuff and 255 -> 0,
+    # raw 12 (stop sign, after the unused 11) -> 12
+    assert out.tolist() == [[1, 2, 0, 80], [0, 0, 0, 12]]
+    classes = evaluate.read_classes("coco_object81.txt")
+    assert classes[80] == "toothbrush" and classes[12] == "stop sign"
+
+
+# ---------------------------------------------------------------------------------------------- RefCOCO
+
+def test_rle_and_polygons_match_pycocotools():
+    mask_api = pytest.importorskip("pycocotools.mask")
+    rng = random.Random(1)
+    for _ in range(100):
+        h, w = rng.randint(5, 60), rng.randint(5, 60)
+        poly = [v for _ in range(rng.randint(3, 8)) for v in (rng.uniform(-2, w + 2), rng.uniform(-2, h + 2))]
+        rle = mask_api.frPyObjects([poly], h, w)[0]
+        ref = torch.from_numpy(mask_api.decode(rle)).bool()
+        assert torch.equal(evaluate.annotation_mask([poly], h, w), ref)
+        assert torch.equal(evaluate.annotation_mask({"counts": rle["counts"], "size": [h, w]}, h, w), ref)
+    import numpy as np
+    m = (torch.rand(9, 13) > 0.5).numpy().astype(np.uint8)
+    enc = mask_api.encode(np.asfortranarray(m))
+    assert torch.equal(evaluate.rle_decode(enc["counts"], 9, 13), torch.from_numpy(m))
+
+
+def test_refcoco_fixture_end_to_end(tmp_path):
+    root = tmp_path / "refer" / "data"
+    cmap = block_layout(5, [0, 1, 2])
+    cmap[64:192, 64:192] = 3  # a yellow square: ref 1
+    cmap[256:384, 320:448] = 4  # a magenta rectangle: ref 2
+    save_image(str(root / "images/mscoco/images/train2014/COCO_train2014_000000000042.jpg"), cmap, "jpeg")
+    square = [64, 64, 192, 64, 192, 192, 64, 192]  # corners: see block_layout (IoU a little below 1)
+    rect = [320, 256, 448, 256, 448, 384, 320, 384]
+    instances = {"images": [{"id": 42, "file_name": "COCO_train2014_000000000042.jpg", "height": 448, "width": 448}],
+                 "annotations": [{"id": 7, "image_id": 42, "category_id": 1, "segmentation": [square]},
+                                 {"id": 8, "image_id": 42, "category_id": 2, "segmentation": [rect]}],
+                 "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+    sent = lambda s, i: {"raw": s, "sent": s.lower(), "tokens": s.lower().split(), "sent_id": i}
+    refs = [{"ref_id": 1, "ann_id": 7, "image_id": 42, "category_id": 1, "split": "val", "sent_ids": [1, 2],
+             "file_name": "COCO_train2014_000000000042_7.jpg", "sentences": [sent("Yellow square", 1), sent("the yellow one", 2)]},
+            {"ref_id": 2, "ann_id": 8, "image_id": 42, "category_id": 2, "split": "testA", "sent_ids": [3],
+             "file_name": "COCO_train2014_000000000042_8.jpg", "sentences": [sent("MAGENTA box", 3)]}]
+    os.makedirs(root / "refcoco")
+    json.dump(instances, open(root / "refcoco/instances.json", "w"))
+    pickle.dump(refs, open(root / "refcoco/refs(unc).p", "wb"))
+    embed = lambda names: embed_identity(["Yellow square" if "yellow" in n else "MAGENTA box" for n in names])
+    result = evaluate.evaluate_refer("refcoco", oracle({3: "Yellow square", 4: "MAGENTA box"}), embed, args_for(root))
+    splits = result["splits"]
+    # both val expressions point at the square: equal IoUs, so mIoU == oIoU; corners cost a few pixels
+    assert splits["val"]["expressions"] == 2 and 97 < splits["val"]["miou"] < 100
+    assert splits["val"]["oiou"] == pytest.approx(splits["val"]["miou"], abs=1e-9)
+    assert splits["testA"]["expressions"] == 1 and splits["testA"]["miou"] > 97 and splits["testB"]["expressions"] == 0
+    swapped = evaluate.evaluate_refer("refcoco", oracle({3: "MAGENTA box", 4: "Yellow square"}), embed,
+                                      args_for(root))["splits"]
+    assert swapped["val"]["miou"] == 0 and swapped["val"]["oiou"] == 0  # each query finds the other shape
+    table = evaluate.results_table([result], pamr=False)
+    assert "| refcoco val |" in table and "18.75" in table
+
+
+def test_command_line_errors(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--dataset", "nope", "--data-root",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "unknown or no dataset ['nope']" in run.stderr and "Traceback" not in run.stderr
