@@ -12,7 +12,8 @@ Run:
 Datasets (folder under --data-root, as mmseg prepares them): voc, voc20 (VOCdevkit/VOC2012), context, context59
 (VOCdevkit/VOC2010), coco_object, coco_stuff (coco_stuff164k; build coco_object's labels with
 data/make_coco_object.py), cityscapes (cityscapes), ade (ade/ADEChallengeData2016), imagenet_s50, imagenet_s300
-(ImageNetS/ImageNetS{50,300}); refcoco, refcoco+, refcocog (the refer layout: --data-root is refer/data).
+(ImageNetS/ImageNetS{50,300}); refcoco, refcoco+, refcocog (the refer layout: --data-root is refer/data);
+folder (any data in a plain layout: --data-root holds images/, labels/ and classes.txt).
 Scores: per window rule v3 (Eq. 7-8; v1 with --rule v1), averaged over overlapping windows, resized to the
 original image; background (class 0 of voc, context, coco_object, imagenet_s*) when the best score is below the
 dataset's threshold. mIoU = mean over classes of TP / (TP + FP + FN) summed over the dataset (classes absent from
@@ -65,6 +66,10 @@ DATASETS = {
                           rgb_label=True, ignore=1000, shrink=1000),
 }
 STANDARD = list(DATASETS)
+# Any dataset in a plain layout: --data-root holds images/*.png, labels/*.png (same stems; label = class id) and
+# classes.txt (one name per line; a first line 'background' makes class 0 the thresholded background).
+DATASETS["folder"] = dict(root="", img="images", ann="labels", img_suffix=".png", seg_suffix=".png", classes=None,
+                          bg=None, stride=None)
 REFER = {"refcoco": ("unc", ["val", "testA", "testB"]), "refcoco+": ("unc", ["val", "testA", "testB"]),
          "refcocog": ("umd", ["val", "test"])}
 # Paper v3 Table (no post-processing / with PAMR), SPEC section 8.
@@ -176,15 +181,28 @@ def distributed_sum(t):
     return t
 
 
-def settings(name, args):
-    """Per-dataset defaults of SPEC section 7, overridden by flags."""
+def settings(name, args, classes):
+    """Per-dataset defaults of SPEC section 7, overridden by flags. The `folder` dataset has a background class
+    when classes.txt starts with 'background' (threshold 0.5 unless given) and a stride of half the window."""
     spec = DATASETS[name]
     v1 = args.rule == "v1"
-    bg = None if spec.get("bg") is None else (0.4 if v1 else spec["bg"])
-    if args.bg_threshold is not None and spec.get("bg") is not None:
+    has_bg = spec.get("bg") is not None or (name == "folder" and classes[0] == "background")
+    bg = None if not has_bg else 0.4 if v1 else spec.get("bg") or 0.5
+    if args.bg_threshold is not None and has_bg:
         bg = args.bg_threshold
-    stride = args.stride or (224 if v1 else spec["stride"])
+    stride = args.stride or (224 if v1 else spec["stride"] or args.window // 2)
     return bg, stride
+
+
+def dataset_classes(name, root):
+    spec = DATASETS[name]
+    if spec["classes"] is not None:
+        return read_classes(spec["classes"])
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the folder layout needs classes.txt beside images/ and labels/")
+    with open(path, encoding="utf-8") as f:
+        return f.read().split("\n")[:-1]
 
 
 def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_dir=None):
@@ -192,8 +210,8 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
     from PIL import Image
     from tqdm import tqdm
     spec = DATASETS[name]
-    classes = read_classes(spec["classes"])
-    bg, stride = settings(name, args)
+    classes = dataset_classes(name, args.data_root)
+    bg, stride = settings(name, args, classes)
     pairs, no_label, no_image = find_pairs(spec, args.data_root)
     if rank == 0 and (no_label or no_image):
         print(f"{name}: {len(no_label)} images without a label (e.g. {no_label[:3]}), {len(no_image)} labels "
@@ -217,8 +235,8 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
             s = spec["shrink"] / max(img.width, img.height)
             img = img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
         pred, _ = tagalign.segment(features, img, text, rule=args.rule, clip_weight=args.clip_weight,
-                                   bg_threshold=bg, window=args.window, stride=stride, use_pamr=args.pamr,
-                                   window_batch=args.window_batch)
+                                   bg_threshold=bg, window=args.window, stride=stride, short_side=args.short_side,
+                                   use_pamr=args.pamr, window_batch=args.window_batch)
         pred = pred.cpu()
         if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
             pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
@@ -386,7 +404,7 @@ def evaluate_refer(name, features, embed_texts, args, rank=0, world=1):
                     sentences.append(sent["raw"].lower().strip())
                     masks.append(gt)
             _, scores = tagalign.segment(features, img, embed_texts(sentences), rule="cosine",
-                                         clip_weight=args.clip_weight, window=args.window,
+                                         clip_weight=args.clip_weight, window=args.window, short_side=args.short_side,
                                          stride=args.stride or 224, use_pamr=args.pamr, window_batch=args.window_batch)
             lo = scores.flatten(1).min(1).values.view(-1, 1, 1)
             hi = scores.flatten(1).max(1).values.view(-1, 1, 1)
@@ -413,7 +431,8 @@ def results_table(results, pamr):
                 rows.append(f"| {r['dataset']} {split} | {s['miou']:.2f} (oIoU {s['oiou']:.2f}) | "
                             f"{'-' if paper is None else paper} |")
         else:
-            rows.append(f"| {r['dataset']} | {r['miou']:.2f} | {PAPER[r['dataset']][1 if pamr else 0]} |")
+            paper = PAPER[r["dataset"]][1 if pamr else 0] if r["dataset"] in PAPER else "-"
+            rows.append(f"| {r['dataset']} | {r['miou']:.2f} | {paper} |")
     return "\n".join(rows)
 
 
@@ -422,6 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="TagAlign checkpoint (train.py); omitted: untrained = CLIP Surgery")
     p.add_argument("--clip", default=None, help="CLIP checkpoint path or name (default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--method", default="tagalign", choices=("tagalign",) + tagalign.BASELINES, help="feature source")
+    p.add_argument("--surgery-layers", type=int, default=None,
+                   help="without --checkpoint: CLIP Surgery blocks (default min(6, the CLIP's layers))")
     p.add_argument("--dataset", default=None, help="one dataset: " + ", ".join(STANDARD + list(REFER)))
     p.add_argument("--datasets", default=None, help="comma-separated datasets, or 'all' (the ten) or 'refer'")
     p.add_argument("--data-root", required=True, help="folder holding the datasets' folders (see the docstring)")
@@ -430,6 +451,7 @@ def parse_args(argv=None):
     p.add_argument("--bg-threshold", type=float, default=None, help="override the dataset's background threshold")
     p.add_argument("--stride", type=int, default=None, help="override the dataset's window stride")
     p.add_argument("--window", type=int, default=448, help="sliding window size")
+    p.add_argument("--short-side", type=int, default=448, help="resize images so their short side is this")
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward")
     p.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"], help="prompt templates")
     p.add_argument("--pamr", action="store_true", help="PAMR post-processing (the paper's 'Post' rows)")
@@ -458,7 +480,9 @@ def main(argv=None):
         if args.checkpoint:
             model = tagalign.load_checkpoint(args.checkpoint, clip, device)
         else:
-            model = tagalign.TagAlign(clip or clip_model.load("ViT-B/16", device=device)).to(device).eval()
+            clip = clip or clip_model.load("ViT-B/16", device=device)
+            layers = args.surgery_layers if args.surgery_layers is not None else min(6, clip.cfg.vision_layers)
+            model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=layers)).to(device).eval()
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
     templates = tagalign.load_templates(args.templates)

@@ -493,6 +493,8 @@ def main():
                         help="CLIP checkpoint path or name (default: the one recorded in --checkpoint, else ViT-B/16)")
     parser.add_argument("--method", default="tagalign", choices=("tagalign",) + BASELINES,
                         help="feature source: TagAlign, or a training-free baseline")
+    parser.add_argument("--surgery-layers", type=int, default=None,
+                        help="without --checkpoint: CLIP Surgery blocks (default min(6, the CLIP's layers))")
     parser.add_argument("--out-dir", default="out/tagalign", help="where the PNGs are written")
     parser.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (SPEC section 7)")
     parser.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
@@ -510,8 +512,10 @@ def main():
         clip = clip_model.load(args.clip) if args.clip else None
         if args.checkpoint:
             model = load_checkpoint(args.checkpoint, clip, args.device)
-        else:
-            model = TagAlign(clip or clip_model.load("ViT-B/16")).to(args.device).eval()  # identity projector
+        else:  # untrained: identity projector, i.e. CLIP Surgery
+            clip = clip or clip_model.load("ViT-B/16")
+            layers = args.surgery_layers if args.surgery_layers is not None else min(6, clip.cfg.vision_layers)
+            model = TagAlign(clip, TagAlignConfig(surgery_layers=layers)).to(args.device).eval()
         img = Image.open(args.image).convert("RGB")
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -182,14 +182,14 @@ def multi_hot(index_lists, K, device):
     return out
 
 
-def train_transform(image_size, augment):
+def train_transform(image_size, augment, min_crop_scale=0.08):
     """SPEC section 5: RandomResizedCrop(0.08-1, bilinear), flip 0.5, RandAugment m9, ImageNet normalisation,
     RandomErasing 0.25. (torchvision's RandAugment has no magnitude std; timm's mstd 0.5 is not reproduced.)"""
     from torchvision import transforms as T
     norm = [T.ToTensor(), T.Normalize(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD)]
     if not augment:
         return T.Compose([T.Resize(image_size), T.CenterCrop(image_size)] + norm)
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BILINEAR),
+    return T.Compose([T.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), interpolation=T.InterpolationMode.BILINEAR),
                       T.RandomHorizontalFlip(0.5), T.RandAugment(num_ops=2, magnitude=9)] + norm
                      + [T.RandomErasing(p=0.25)])
 
@@ -219,6 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--surgery-layers", type=int, default=6, help="CLIP Surgery on the last N vision blocks")
     p.add_argument("--image-size", type=int, default=224, help="training crop size")
     p.add_argument("--no-augment", action="store_true", help="resize + centre crop only (no SPEC augmentation)")
+    p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest area share of RandomResizedCrop")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype; auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -324,7 +325,8 @@ def train(args, rank, world, device):
     if args.compile:
         model = torch.compile(model)
 
-    dataset = CaptionImages(files, labels, train_transform(args.image_size, not args.no_augment), rank, world,
+    transform = train_transform(args.image_size, not args.no_augment, args.min_crop_scale)
+    dataset = CaptionImages(files, labels, transform, rank, world,
                             args.workers, args.shuffle_buffer, args.seed, args.image_root, start, role_offset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda",

