@@ -9,6 +9,7 @@ import pickle
 import random
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -127,7 +128,7 @@ def build_fixture(root, name, n_images=3):
                 "imagenet_s300": f"n01443537/ILSVRC2012_val_{i:08d}", "voc": f"2007_{i:06d}",
                 "voc20": f"2007_{i:06d}"}.get(name, f"{i:012d}")
         stems.append(stem)
-        cmap = block_layout(i + hash(name) % 100, list(colour_raw))
+        cmap = block_layout(i + zlib.crc32(name.encode()) % 100, list(colour_raw))  # stable across runs
         label = torch.zeros_like(cmap)
         for c, v in colour_raw.items():
             label[cmap == c] = v
@@ -230,7 +231,7 @@ def test_background_threshold_and_rule_v1(tmp_path):
 
 
 def test_imagenet_s_large_image_is_shrunk_and_scored_at_label_size(tmp_path):
-    to_prompt = build_fixture(tmp_path, "imagenet_s50", n_images=1)
+    to_prompt = build_fixture(tmp_path, "imagenet_s50", n_images=0)  # only the large image below
     spec = evaluate.DATASETS["imagenet_s50"]
     stem = "n01443537/ILSVRC2012_val_00000009"
     # 1008 x 1120 pixels (area > 1000^2) in 192-pixel bands, about 85 pixels after the shrink and the resize
@@ -240,7 +241,12 @@ def test_imagenet_s_large_image_is_shrunk_and_scored_at_label_size(tmp_path):
     save_label(str(tmp_path / spec["root"] / spec["ann"] / (stem + ".png")), label, "rgb")
     result = evaluate.evaluate_dataset("imagenet_s50", calibrated("imagenet_s50", to_prompt), embed_identity,
                                        args_for(tmp_path, stride=448))
-    assert result["images"] == 2 and result["miou"] > 90  # two resizes move the band boundaries off the patch grid
+    # the bands survive the shrink (1120 -> 1000 px) and the resize (-> 448 short side) with their boundaries off
+    # the patch grid: a few pixel rows per boundary go wrong, some of them to background (absent from the truth,
+    # so its IoU is 0); the prediction is scored at the label's 1008 x 1120
+    iou = result["per_class_iou"]
+    assert result["images"] == 1 and iou["background"] == 0
+    assert all(85 < iou[c] < 100 for c in ("goldfish", "clog", "agaric")), iou
 
 
 def test_bad_input_is_reported(tmp_path, capsys):
