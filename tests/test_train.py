@@ -176,3 +176,10 @@ def test_bad_label_folders_and_non_finite_loss(setup, tmp_path, monkeypatch):
 def test_multi_hot():
     out = train.multi_hot([torch.tensor([0, 2]), torch.tensor([], dtype=torch.long), torch.tensor([1])], 3, "cpu")
     assert out.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_and_saves_the_unwrapped_model(setup, tmp_path):
+    train.main(base_args(setup, tmp_path / "eager"))
+    train.main(base_args(setup, tmp_path / "compiled") + ["--compile"])
+    assert_same(trainable(tmp_path / "compiled" / "ckpt.pt"), trainable(tmp_path / "eager" / "ckpt.pt"), atol=1e-5)
