@@ -23,7 +23,6 @@ import glob
 import hashlib
 import html
 import importlib.util
-import io
 import json
 import os
 import re

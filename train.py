@@ -21,18 +21,15 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import random
 import sys
 import tarfile
 import time
-from collections import deque
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model

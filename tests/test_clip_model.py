@@ -2,13 +2,11 @@
 embedding resampling, a direct transcription of the CLIP Surgery equations (SPEC section 2), hand-known facts
 of OpenAI's release (key count, parameter count, vocab checksum), and every documented error path."""
 import hashlib
-import io
 import math
 import os
 import subprocess
 import sys
 import urllib.error
-import zipfile
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip_model
-from conftest import ROOT, TINY, VIT_B_16, random_state_dict, shared_lines, weight_shapes
+from conftest import ROOT, TINY, VIT_B_16, shared_lines, weight_shapes
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -12,7 +12,6 @@ import tarfile
 import time
 
 import pytest
-import torch
 
 import parse_tags
 from conftest import ROOT, shared_lines
