@@ -329,16 +329,18 @@ def baseline_features(clip, images, method):
 
 
 def feature_fn(model, method="tagalign"):
-    """The inference path's feature source: windows (n, 3, H, W) -> (f_main, f_clip), each (n, h, w, D)."""
-    if method == "tagalign":
-        if not isinstance(model, TagAlign):
-            raise ValueError("method 'tagalign' needs a TagAlign model")
-        return model.dense_features
+    """The inference path's feature source: windows (n, 3, H, W) -> (f_main, f_clip), each (n, h, w, D). The
+    function carries the backbone's patch_size, to which sliding_scores pads the windows."""
+    if method == "tagalign" and not isinstance(model, TagAlign):
+        raise ValueError("method 'tagalign' needs a TagAlign model")
     clip = model.clip if isinstance(model, TagAlign) else model
 
     def features(windows):
+        if method == "tagalign":
+            return model.dense_features(windows)
         f = baseline_features(clip, windows, method)
         return f, f  # no separate CLIP branch: the blend is a no-op
+    features.patch_size = clip.visual.patch_size
     return features
 
 
@@ -385,10 +387,11 @@ def resize_short_side(image, short_side=448, max_long_side=2048):
 
 
 @torch.no_grad()
-def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16, patch=16, **rule_kw):
+def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16, **rule_kw):
     """Class maps of a normalised image (1, 3, H, W): windows batched through `features`, each window's map
     bilinearly upsampled to the window and averaged over overlaps -> (C, H, W)."""
     _, _, H, W = image.shape
+    patch = getattr(features, "patch_size", 16)
     boxes = window_boxes(H, W, window, stride)
     wh, ww = boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2]
     pad = (0, -ww % patch, 0, -wh % patch)  # ViT needs multiples of the patch size: pad right/bottom, crop after

@@ -384,3 +384,15 @@ def test_command_line_writes_overlay_and_heatmaps(tmp_path, tiny_state_dict, tin
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tagalign.py"), "--image", str(tmp_path / "missing.jpg"),
                           "--queries", "cat", "--checkpoint", str(tmp_path / "ckpt.pt")], capture_output=True, text=True)
     assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_windows_are_padded_to_the_backbone_patch_size():
+    """A patch-14 backbone (like L/14) on windows that are not multiples of 14 or 16."""
+    cfg = clip_model.CLIPConfig(embed_dim=64, image_resolution=56, vision_layers=2, vision_width=64,
+                                vision_patch_size=14, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    model = tagalign.TagAlign(clip_model.build_model(random_state_dict(cfg)), tagalign.TagAlignConfig(surgery_layers=1))
+    features = tagalign.feature_fn(model)
+    assert features.patch_size == 14 and tagalign.feature_fn(model, "naclip").patch_size == 14
+    text = F.normalize(torch.randn(2, 64), dim=-1)
+    labels, scores = tagalign.segment(features, torch.rand(3, 50, 75), text, window=50, stride=25, short_side=50)
+    assert labels.shape == (50, 75) and torch.isfinite(scores).all()
