@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import clip_model
 import tagalign
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,7 +115,6 @@ def find_pairs(spec, root):
         missing_image = sorted(set(stems) - images)
     else:
         images, labels = scan(img_dir, spec["img_suffix"]), scan(ann_dir, spec["seg_suffix"])
-        labels -= {s for s in labels if spec["seg_suffix"] == ".png" and s.endswith(("_labelTrainIds", "_instanceTrainIds"))}
         missing_image = sorted(labels - images)
     pairs = [(os.path.join(img_dir, s + spec["img_suffix"]), os.path.join(ann_dir, s + spec["seg_suffix"]))
              for s in sorted(images & labels)]
@@ -476,13 +474,7 @@ def main(argv=None):
     if not names or unknown:
         sys.exit(f"error: unknown or no dataset {unknown}; choose from {', '.join(STANDARD + list(REFER))}, all, refer")
     try:
-        clip = clip_model.load(args.clip, device=device) if args.clip else None
-        if args.checkpoint:
-            model = tagalign.load_checkpoint(args.checkpoint, clip, device)
-        else:
-            clip = clip or clip_model.load("ViT-B/16", device=device)
-            layers = args.surgery_layers if args.surgery_layers is not None else min(6, clip.cfg.vision_layers)
-            model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=layers)).to(device).eval()
+        model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
     templates = tagalign.load_templates(args.templates)

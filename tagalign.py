@@ -167,6 +167,18 @@ def load_checkpoint(path, clip=None, device="cpu"):
     return model.to(device).eval()
 
 
+def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu"):
+    """A TagAlign checkpoint, or without one the untrained model (identity projector = CLIP Surgery) with
+    surgery_layers (default min(6, the CLIP's blocks)). clip: a CLIP path or name (default: the checkpoint's,
+    else ViT-B/16)."""
+    clip = clip_model.load(clip, device=device) if clip else None
+    if checkpoint:
+        return load_checkpoint(checkpoint, clip, device)
+    clip = clip or clip_model.load("ViT-B/16", device=device)
+    layers = surgery_layers if surgery_layers is not None else min(6, clip.cfg.vision_layers)
+    return TagAlign(clip, TagAlignConfig(surgery_layers=layers)).to(device).eval()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Text embeddings
 
@@ -512,13 +524,7 @@ def main():
 
     from PIL import Image
     try:
-        clip = clip_model.load(args.clip) if args.clip else None
-        if args.checkpoint:
-            model = load_checkpoint(args.checkpoint, clip, args.device)
-        else:  # untrained: identity projector, i.e. CLIP Surgery
-            clip = clip or clip_model.load("ViT-B/16")
-            layers = args.surgery_layers if args.surgery_layers is not None else min(6, clip.cfg.vision_layers)
-            model = TagAlign(clip, TagAlignConfig(surgery_layers=layers)).to(args.device).eval()
+        model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device)
         img = Image.open(args.image).convert("RGB")
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
