@@ -98,7 +98,9 @@ def main():
     run("train", [py, "train.py", "--data", f"{out}/synthetic/shards/*.tar", "--labels", f"{out}/tags", "--clip",
                   f"{out}/clip_tiny.pt", "--out", f"{out}/run", "--steps", str(steps), "--batch-size", "32",
                   "--workers", "1", "--image-size", "128", "--lr", "5", "--min-crop-scale", "0.5", "--surgery-layers",
-                  "1", "--shuffle-buffer", "500", "--log-every", "50", "--save-every", str(steps)], f"{out}/train.log")
+                  "1", "--shuffle-buffer", "500", "--log-every", "50", "--save-every", str(steps),
+                  # captions name the colours: RandAugment's colour ops (invert, solarize, ...) would contradict them
+                  "--auto-augment", "none"], f"{out}/train.log")
 
     # The frozen CLIP is random here, so its raw predictions carry no information: the blend of Eq. 7-8 is
     # evaluated with a = 0 (TagAlign's own features; the paper's a = 0.5 assumes a pretrained CLIP).

@@ -5,15 +5,25 @@ Train TagAlign (SPEC sections 4-5): the projector on frozen CLIP Surgery feature
 Run:
     # 8 GPUs (paper: batch 512 per GPU, 30,000 steps, lr 1e-3 x global batch / 4096)
     torchrun --nproc_per_node=8 train.py --data 'cc12m/{00000..01242}.tar' --labels tags/ --out runs/tagalign
-    # one GPU reaching the same global batch by accumulation, or one CPU process
+    # one GPU reaching the same global batch by accumulation (exact for the tag losses and the lr; the contrastive
+    # loss sees each micro-batch's negatives only: see the end of --help), or one CPU process
     python train.py --data 'cc12m/{00000..01242}.tar' --labels tags/ --out runs/1gpu --global-batch-size 4096
     python train.py --data-csv pairs.csv --image-root images/ --labels tags/ --out runs/cpu --batch-size 8
     # continue a stopped run exactly where it stopped
     python train.py ... --resume
 
+    # paper Table 3's ablations: switch a term off (its temperature is then frozen, as DDP needs)
+    torchrun --nproc_per_node=8 train.py ... --itc-weight 0          # tag losses only
+    torchrun --nproc_per_node=8 train.py ... --attribute-weight 0    # objects + ITC
+
 --labels is the folder `parse_tags.py vocab` wrote (vocab.json, labels.pt). Samples whose key has no tags are
-kept: they still train the contrastive loss. Checkpoints (out/ckpt.pt) hold the trainable state, optimizer,
-step, RNG, data position and config; `tagalign.py --checkpoint out/ckpt.pt` loads them for inference.
+kept: they still train the contrastive loss, and every log line gives the share of samples with tags and with
+their key in labels.pt; a label file that matches none of the first step's samples stops the run. The tag
+losses average over every image of the global batch (authors' code; --tag-average tagged: over tagged ones).
+Non-finite losses are detected on the device and checked at log and save steps: every rank stops together,
+naming the step and the batch keys. Checkpoints (out/ckpt.pt) hold the trainable state, optimizer, step, RNG,
+data position and what an exact resume needs (processes, workers, batch sizes, seed, shuffle buffer, file list,
+a fingerprint of the labels), all checked on --resume; `tagalign.py --checkpoint out/ckpt.pt` loads them.
 """
 import argparse
 import contextlib
@@ -131,7 +141,7 @@ class CaptionImages(torch.utils.data.IterableDataset):
         role = self.role()
         skipped = {"image": 0, "tar": 0, "member": 0}
         rng = random.Random(stable_seed(self.seed, "shuffle", role))
-        buffer, position = [], 0
+        buffer, position, start = [], 0, self.start.get(role, 0)
         for item in self.raw_stream(role, skipped):
             if len(buffer) < self.shuffle_buffer:  # fill the buffer, then emit a random element per new one
                 buffer.append(item)
@@ -139,8 +149,12 @@ class CaptionImages(torch.utils.data.IterableDataset):
             j = rng.randrange(len(buffer))
             item, buffer[j] = buffer[j], item
             position += 1
-            if position <= self.start.get(role, 0):
-                continue  # consumed before the resume
+            if position <= start:  # consumed before the resume: re-read, not decoded
+                if position == start:
+                    # the stream has now read exactly what it had read when the checkpoint's last sample of this
+                    # role was consumed; the tar/member skips met so far are in the checkpoint's total already
+                    skipped.update(dict.fromkeys(skipped, 0))
+                continue
             sample = self.decode(item, skipped)
             if sample is not None:
                 yield (*sample, role, position, dict(skipped))
@@ -155,49 +169,92 @@ class CaptionImages(torch.utils.data.IterableDataset):
         except Exception:
             skipped["image"] += 1
             return None
-        state = torch.random.get_rng_state()
-        torch.manual_seed(stable_seed(self.seed, "augment", key, epoch))
-        x = self.transform(img)
-        torch.random.set_rng_state(state)
+        with seeded(stable_seed(self.seed, "augment", key, epoch)):  # the same augmentation at any world size
+            x = self.transform(img)
         tags = self.labels.get(key) if self.labels is not None else None
         obj, attr = tags if tags is not None else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        return x, clip_model.tokenize(caption)[0], obj, attr, key
+        return x, clip_model.tokenize(caption)[0], obj, attr, key, tags is not None
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Seed every generator an augmentation draws from (timm uses Python's random and NumPy's, torchvision and
+    RandomErasing torch's), restoring them afterwards."""
+    import numpy as np
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def sparse_tags(index_lists):
+    """Per-sample tag indices -> (rows, cols) of the ones of the (B, K) multi-hot matrix: two flat int64 tensors
+    that DataLoader pins and that go to the GPU without a blocking copy (multi_hot builds the matrix there)."""
+    rows = torch.cat([torch.full((len(i),), r, dtype=torch.long) for r, i in enumerate(index_lists)])
+    cols = torch.cat(list(index_lists)).long() if index_lists else torch.zeros(0, dtype=torch.long)
+    return rows, cols
 
 
 def collate(batch):
-    images, tokens, obj, attr, keys, roles, positions, skipped = zip(*batch)
-    return (torch.stack(images), torch.stack(tokens), list(obj), list(attr), list(keys), list(roles),
-            list(positions), list(skipped))
+    images, tokens, obj, attr, keys, found, roles, positions, skipped = zip(*batch)
+    return {"images": torch.stack(images), "tokens": torch.stack(tokens), "keys": list(keys),
+            "obj": sparse_tags(obj), "attr": sparse_tags(attr),
+            # host-side counts (no GPU read needed): images with object / attribute tags, keys found in labels.pt
+            "n_obj": sum(len(o) > 0 for o in obj), "n_attr": sum(len(a) > 0 for a in attr),
+            "n_tagged": sum(len(o) + len(a) > 0 for o, a in zip(obj, attr)), "n_found": sum(found),
+            "roles": list(roles), "positions": list(positions), "skipped": list(skipped)}
 
 
-def multi_hot(index_lists, K, device):
-    """List of index tensors -> (B, K) 0/1 float."""
-    out = torch.zeros(len(index_lists), K, device=device)
-    rows = torch.cat([torch.full((len(i),), r, dtype=torch.long) for r, i in enumerate(index_lists)])
-    cols = torch.cat(index_lists) if index_lists else torch.zeros(0, dtype=torch.long)
-    out[rows.to(device), cols.to(device)] = 1
+def multi_hot(rows, cols, batch, K, device):
+    """(rows, cols) of the ones -> (batch, K) 0/1 float, built on `device` (non-blocking copies of the indices)."""
+    out = torch.zeros(batch, K, device=device)
+    out[rows.to(device, non_blocking=True), cols.to(device, non_blocking=True)] = 1
     return out
 
 
-def train_transform(image_size, augment, min_crop_scale=0.08):
-    """SPEC section 5: RandomResizedCrop(0.08-1, bilinear), flip 0.5, RandAugment m9, ImageNet normalisation,
-    RandomErasing 0.25. (torchvision's RandAugment has no magnitude std; timm's mstd 0.5 is not reproduced.)"""
+def train_transform(image_size, augment, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1"):
+    """SPEC section 5, the authors' `img_aug` exactly: timm's create_transform(is_training=True) with
+    RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bilinear), flip 0.5, RandAugment 'rand-m9-mstd0.5-inc1' (2 ops
+    from timm's 15 'increasing' ops, each applied with probability 0.5, magnitude ~ N(9, 0.5) on a 0-10 scale,
+    geometric ops filled with the mean colour), ImageNet normalisation, RandomErasing p 0.25 with per-pixel
+    N(0, 1) values. auto_augment: another timm policy string, or "none" for no RandAugment. Without
+    augmentation: resize + centre crop."""
     from torchvision import transforms as T
-    norm = [T.ToTensor(), T.Normalize(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD)]
     if not augment:
-        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size)] + norm)
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(min_crop_scale, 1.0), interpolation=T.InterpolationMode.BILINEAR),
-                      T.RandomHorizontalFlip(0.5), T.RandAugment(num_ops=2, magnitude=9)] + norm
-                     + [T.RandomErasing(p=0.25)])
+        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
+                          T.Normalize(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD)])
+    from timm.data import create_transform
+    return create_transform(image_size, is_training=True, scale=(min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
+                            hflip=0.5, interpolation="bilinear",
+                            auto_augment=None if auto_augment == "none" else auto_augment, color_jitter=None,
+                            mean=clip_model.IMAGENET_MEAN, std=clip_model.IMAGENET_STD,
+                            re_prob=0.25, re_mode="pixel", re_count=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
 
+ACCUMULATION = (
+    "Gradient accumulation (--global-batch-size > batch-size x processes) reproduces, for the global batch: the "
+    "learning rate (scaled to the global batch), the tag losses exactly (they average over the whole step's "
+    "images, so their gradient is that of one big batch), clipping and the optimizer step. It does NOT reproduce "
+    "the contrastive loss: each micro-batch's InfoNCE sees only its own batch-size x processes negatives, and "
+    "the step's ITC is the mean of the micro-batches' values. The step's micro-batches are held in host memory "
+    "together (accumulation x batch-size images).")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train TagAlign (torchrun for several processes)")
+    p = argparse.ArgumentParser(description="Train TagAlign (torchrun for several processes)", epilog=ACCUMULATION)
     p.add_argument("--data", nargs="*", default=[], help="webdataset tar shards (globs and {a..b} braces)")
-    p.add_argument("--data-csv", default=None, help="alternative to --data: CSV with columns key,image,caption")
+    p.add_argument("--data-csv", default=None,
+                   help="alternative to --data: CSV with columns key,image,caption (parse_tags.py keys its rows by "
+                        "the same 'key' column)")
     p.add_argument("--image-root", default=".", help="folder the CSV's image paths are relative to")
     p.add_argument("--labels", required=True, help="folder with vocab.json and labels.pt from parse_tags.py")
     p.add_argument("--clip", default="ViT-B/16", help="frozen CLIP: checkpoint path or model name")
@@ -205,28 +262,46 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=512, help="images per process per micro-step")
     p.add_argument("--global-batch-size", type=int, default=0,
-                   help="images per optimizer step over all processes (0: batch-size x processes); reached by accumulation")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate at global batch 4096 (scaled linearly)")
+                   help="images per optimizer step over all processes (0: batch-size x processes); reached by "
+                        "accumulation, which is exact for the tag losses but not for the contrastive negatives "
+                        "(see the note at the end of --help)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="learning rate at global batch 4096 (scaled linearly); a new value takes effect on --resume")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on 1-D params and biases)")
     p.add_argument("--grad-clip", type=float, default=5.0, help="gradient clipping at this global norm")
     p.add_argument("--tag-loss", default="balanced", choices=["balanced", "plain"],
                    help="balanced softmax (paper, Eq. 4) or plain softmax (authors' code)")
+    p.add_argument("--tag-average", default="batch", choices=["batch", "tagged"],
+                   help="average the tag losses over every image of the global batch, untagged ones adding 0 "
+                        "(authors' code, default) or over the tagged images only")
+    p.add_argument("--object-weight", type=float, default=1.0, help="weight of the object tag loss (0: off)")
     p.add_argument("--attribute-weight", type=float, default=1.0, help="weight of the attribute tag loss (0: objects only)")
     p.add_argument("--itc-weight", type=float, default=1.0, help="lambda of Eq. 6 (0: no contrastive loss)")
     p.add_argument("--surgery-layers", type=int, default=6, help="CLIP Surgery on the last N vision blocks")
     p.add_argument("--image-size", type=int, default=224, help="training crop size")
     p.add_argument("--no-augment", action="store_true", help="resize + centre crop only (no SPEC augmentation)")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest area share of RandomResizedCrop")
+    p.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1",
+                   help="timm RandAugment policy (authors' default), or 'none' (e.g. for data whose captions name "
+                        "colours that colour-changing ops would contradict, as in demo.py)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype; auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
     p.add_argument("--shuffle-buffer", type=int, default=2000, help="samples in each worker's shuffle buffer")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and init")
-    p.add_argument("--log-every", type=int, default=10, help="steps between log lines")
+    p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and non-finite checks)")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from out/ckpt.pt")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "log_every", "save_every", "shuffle_buffer", "image_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0 or args.global_batch_size < 0:
+        p.error("--workers and --global-batch-size cannot be negative")
+    if not (args.object_weight or args.attribute_weight or args.itc_weight):
+        p.error("every loss weight is 0: nothing to train")
+    return args
 
 
 def load_label_data(folder):
@@ -245,6 +320,60 @@ def load_label_data(folder):
     return vocab, labels
 
 
+def labels_fingerprint(folder):
+    """sha256 of vocab.json + labels.pt: a resumed run must train on the very same labels."""
+    h = hashlib.sha256()
+    for name in ("vocab.json", "labels.pt"):
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
+def example_label_key(labels):
+    """One key of labels.pt, for messages."""
+    keys = getattr(labels, "keys", None)
+    if torch.is_tensor(keys):
+        return f"{int(keys[0])} (numeric keys)" if len(keys) else "<none>"
+    return next(iter(keys), "<none>") if keys is not None else "<unknown>"
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups (authors' config): weight decay on the >= 2-D weights (convs, proj); none on 1-D parameters
+    (biases, LayerNorm affines) and scalars (gates, temperatures). Frozen parameters are left out."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def scaled_lr(lr, global_batch):
+    """The authors' linear rule: lr x global batch / 4096 (1e-3 at 8 GPUs x 512)."""
+    return lr * global_batch / 4096
+
+
+RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels")
+
+
+def check_resume(saved, current, path):
+    """Refuse to resume when anything that decides the data order or the labels differs, naming the field."""
+    for field in RESUME_FIELDS:
+        if field not in saved:
+            print0(f"warning: {path} does not record '{field}' (an older train.py); it cannot be checked")
+        elif saved[field] != current[field]:
+            old, new = saved[field], current[field]
+            if field == "files":
+                diff = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                old = f"{len(old)} files, #{diff} = {old[diff] if diff < len(old) else None}"
+                new = f"{len(new)} files, #{diff} = {new[diff] if diff < len(new) else None}"
+            raise ValueError(f"--resume: '{field}' differs from the run that wrote {path} ({old} there, {new} now). "
+                             "An exact resume needs the same processes, --workers, --batch-size, --global-batch-size, "
+                             "--seed, --shuffle-buffer, data files and labels; start a new --out to change them")
+
+
+def pinned(t, device):
+    """A host tensor on `device` without blocking the host (pinned memory, asynchronous copy)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def print0(*args, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -252,15 +381,7 @@ def print0(*args, **kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    # ---- one DDP block: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python train.py` is one process
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world, device = tagalign.init_distributed()  # the one DDP block (torchrun, or one CPU/GPU process)
     try:
         train(args, rank, world, device)
     finally:
@@ -275,16 +396,26 @@ def train(args, rank, world, device):
         raise ValueError(f"--global-batch-size {global_batch} must be a multiple of batch-size x processes "
                          f"({args.batch_size} x {world})")
     accum = global_batch // (args.batch_size * world)
-    lr = args.lr * global_batch / 4096
+    lr = scaled_lr(args.lr, global_batch)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
 
+    # ---- everything that can be wrong with the inputs is checked before CLIP is loaded (or downloaded)
     vocab, labels = load_label_data(args.labels)
     files = ([args.data_csv] if args.data_csv else parse_tags.input_files(args.data)) if (args.data or args.data_csv) else None
     if not files:
         raise ValueError("no training data: pass --data SHARDS or --data-csv FILE")
+    run = {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": global_batch,
+           "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
+           "labels": labels_fingerprint(args.labels)}
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        check_resume(ckpt["data"], run, ckpt_path)
+    os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
     clip = clip_model.load(args.clip, device=device)
@@ -294,35 +425,39 @@ def train(args, rank, world, device):
            for k in ("objects", "attributes") if tags[k]}
     log_freq = {k: torch.tensor([max(e["freq"], 1e-12) for e in vocab[k]], device=device).log()
                 if args.tag_loss == "balanced" and vocab[k] else None for k in ("objects", "attributes")}
+    # A switched-off term leaves its temperature without a gradient, which DDP refuses (it waits for every
+    # trainable parameter's gradient): freeze what the enabled terms do not use (paper Table 3's ablations).
+    if not (args.object_weight or (args.attribute_weight and tags["attributes"])):
+        raw_model.logit_scale_tag.requires_grad_(False)
+    if not args.itc_weight:
+        raw_model.logit_scale_itc.requires_grad_(False)
 
-    decay = [p for n, p in raw_model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in raw_model.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999), eps=1e-6)
+    groups = param_groups(raw_model, args.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     step, start, role_offset, skipped_total = 0, {}, 0, {"image": 0, "tar": 0, "member": 0}
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["data"]["world"] != world or ckpt["data"]["workers"] != args.workers or ckpt["data"]["batch"] != args.batch_size:
-            raise ValueError("--resume needs the same number of processes, --workers and --batch-size as the run "
-                             f"that wrote {ckpt_path}: {ckpt['data']}")
+    if ckpt is not None:
         raw_model.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        saved_lr = optimizer.param_groups[0]["lr"]
+        for group, wd in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # today's flags win over the saved
+            group["lr"], group["weight_decay"] = lr, wd
         scaler.load_state_dict(ckpt["scaler"])
         step, start, role_offset = ckpt["step"], ckpt["data"]["start"], ckpt["data"]["role_offset"]
         skipped_total = ckpt["data"]["skipped"]
         random.setstate(ckpt["rng"]["python"])
         torch.random.set_rng_state(ckpt["rng"]["torch"])
         print0(f"resumed from {ckpt_path} at step {step}")
+        if saved_lr != lr:
+            print0(f"lr changed on resume: {saved_lr:g} -> {lr:g} (--lr {args.lr:g} x global batch {global_batch} / 4096)")
 
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw_model
     if args.compile:
         model = torch.compile(model)
 
-    transform = train_transform(args.image_size, not args.no_augment, args.min_crop_scale)
+    transform = train_transform(args.image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
     dataset = CaptionImages(files, labels, transform, rank, world,
                             args.workers, args.shuffle_buffer, args.seed, args.image_root, start, role_offset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
@@ -358,65 +493,120 @@ def train(args, rank, world, device):
         tagalign.save_checkpoint(
             ckpt_path, raw_model, args.clip, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
             rng={"python": random.getstate(), "torch": torch.random.get_rng_state()}, args=vars(args),
-            data={"start": all_consumed, "role_offset": micro_batches % max(args.workers, 1),
-                  "world": world, "workers": args.workers, "batch": args.batch_size, "skipped": total_skipped})
+            data={**run, "start": all_consumed, "role_offset": micro_batches % max(args.workers, 1),
+                  "skipped": total_skipped})
+
+    finite, recent_keys = [], []  # per micro-step since the last check: 0-dim bool on the device; (step, keys)
+
+    def check_finite():
+        """Collective: every rank learns whether any rank's loss was non-finite since the last check, so all stop
+        together (a rank that raised alone would leave the others waiting in the next all-reduce forever)."""
+        local = ~torch.stack(finite)  # (micro-steps,) bool, on the device
+        bad = tagalign.all_reduce_sum(local.float()).nonzero()  # the one host read of the interval
+        if len(bad):
+            i = int(bad[0])
+            mine = {"rank": rank, "bad": bool(local[i]), "keys": recent_keys[i][1]}
+            everyone = [None] * world
+            if world > 1:
+                dist.all_gather_object(everyone, mine)
+            else:
+                everyone = [mine]
+            ranks = [e["rank"] for e in everyone if e["bad"]]
+            keys = [k for e in everyone if e["bad"] for k in e["keys"]]
+            raise FloatingPointError(f"non-finite loss at step {recent_keys[i][0]} (rank {', '.join(map(str, ranks))}"
+                                     f"; all {world} processes stop); batch keys: {keys[:64]}. The last checkpoint "
+                                     f"is intact: inspect these samples, or lower --lr / use --precision bf16 or fp32")
+        finite.clear()
+        recent_keys.clear()
 
     raw_model.train()
     t_log, images_seen = time.time(), 0
-    sums = {}
+    sums, seen = {}, {"samples": 0, "found": 0, "tagged": 0}  # loss sums stay on the device until a log step
+    first = True
     while step < args.steps:
-        for micro in range(accum):
-            images, tokens, obj, attr, keys, roles, positions, skipped = next(batches)
+        step_batches = [next(batches) for _ in range(accum)]  # all of the step: the tag losses average over them
+        for b in step_batches:
             micro_batches += 1
-            for r, pos, s in zip(roles, positions, skipped):
+            for r, pos, s in zip(b["roles"], b["positions"], b["skipped"]):
                 consumed[r] = max(consumed.get(r, 0), pos)
                 worker_skipped[r] = s
-            images = images.to(device, non_blocking=True)
+            seen["samples"] += len(b["keys"])
+            seen["found"] += b["n_found"]
+            seen["tagged"] += b["n_tagged"]
+        if first:  # a label file that matches no sample would train on nothing but ITC: stop now, on every rank
+            found = tagalign.all_reduce_sum(torch.tensor([float(sum(b["n_found"] for b in step_batches))]))
+            if found.item() == 0:
+                raise ValueError(
+                    f"none of the {global_batch} samples of the first step has its key in {args.labels}/labels.pt: "
+                    f"data keys look like {step_batches[0]['keys'][0]!r}, labels.pt keys like "
+                    f"{example_label_key(labels)!r}. Parse the same files you train on (tar keys are img2dataset's "
+                    "sample keys; CSV rows are keyed by their 'key' column)")
+            first = False
+        if args.tag_average == "tagged":  # the step's tagged images over all ranks and micro-batches (Eq. 1-2)
+            counts = torch.tensor([float(sum(b["n_obj"] for b in step_batches)),
+                                   float(sum(b["n_attr"] for b in step_batches))])
+            counts = tagalign.all_reduce_sum(pinned(counts, device))
+            tag_counts = (counts[0], counts[1])
+        else:  # the authors' average over every image of the step
+            tag_counts = (global_batch, global_batch)
+        for micro, b in enumerate(step_batches):
+            images = b["images"].to(device, non_blocking=True)
             sync = micro == accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), \
                     torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                caption_emb = raw_model.encode_text(tokens.to(device))
+                caption_emb = raw_model.encode_text(b["tokens"].to(device, non_blocking=True))
                 _, z = model(images)
-                obj_labels = multi_hot(obj, len(tags["objects"]), device)
-                attr_labels = multi_hot(attr, len(tags["attributes"]), device) if tags["attributes"] else None
+                obj_labels = multi_hot(*b["obj"], len(images), len(tags["objects"]), device)
+                attr_labels = multi_hot(*b["attr"], len(images), len(tags["attributes"]), device) if tags["attributes"] else None
                 loss, terms = tagalign.tagalign_loss(
                     raw_model, z, caption_emb, obj_labels, emb["objects"], attr_labels, emb.get("attributes"),
-                    log_freq["objects"], log_freq["attributes"], args.attribute_weight, args.itc_weight)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1} (rank {rank}); "
-                                         f"batch keys: {keys}")
-            scaler.scale(loss / accum).backward()
+                    log_freq["objects"], log_freq["attributes"], args.attribute_weight, args.itc_weight,
+                    args.object_weight, args.tag_average, tag_counts, accum)
+            finite.append(torch.isfinite(loss.detach()))  # read at the next check, not now (no host sync)
+            recent_keys.append((step + 1, b["keys"]))
+            scaler.scale(loss).backward()  # each micro-batch's loss is its share of the step's loss
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / accum
+                sums[k] = sums.get(k, 0) + v.detach().float()
             images_seen += images.shape[0] * world
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(decay + no_decay, args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        if step % args.log_every == 0 or step == args.steps:
-            values = torch.tensor([sums.get(k, 0.0) for k in ("obj", "attr", "itc")] +
-                                  [sum(s[k] for s in worker_skipped.values()) for k in skipped_total], device=device)
-            if world > 1:
-                dist.all_reduce(values)
+        log_now = step % args.log_every == 0 or step == args.steps
+        save_now = step % args.save_every == 0 or step == args.steps
+        if log_now or save_now:
+            check_finite()  # before anything is logged or saved
+        if log_now:
+            losses = torch.stack([sums[k] if k in sums else torch.zeros((), device=device) for k in ("obj", "attr", "itc")])
+            counts = torch.tensor([float(seen[k]) for k in seen] + [float(sum(s[k] for s in worker_skipped.values()))
+                                                                    for k in skipped_total], dtype=torch.float64)
+            losses, counts = tagalign.all_reduce_sum(losses), tagalign.all_reduce_sum(counts)
             n = step % args.log_every or args.log_every
-            obj_l, attr_l, itc_l = (values[:3] / world / n).tolist()
-            skipped_now = {k: skipped_total[k] + int(v) for k, v in zip(skipped_total, values[3:].tolist())}
+            losses = (losses / world / n).tolist()
+            shown = [f"{v:.4f}" if k in sums else "off" for k, v in zip(("obj", "attr", "itc"), losses)]
+            samples, found, tagged = counts[:3].tolist()
+            skipped_now = {k: skipped_total[k] + int(v) for k, v in zip(skipped_total, counts[3:].tolist())}
             tau_tag, tau_itc = raw_model.temperatures()
             rate = images_seen / (time.time() - t_log)
             mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
-            line = (f"step {step}/{args.steps} obj {obj_l:.4f} attr {attr_l:.4f} itc {itc_l:.4f} "
-                    f"tau_tag {tau_tag.item():.2f} tau_itc {tau_itc.item():.2f} lr {lr:.3g} img/s {rate:.1f} "
-                    f"gpu_mem {mem:.2f}GiB skipped img {skipped_now['image']} tar {skipped_now['tar']} "
-                    f"member {skipped_now['member']}")
+            line = (f"step {step}/{args.steps} obj {shown[0]} attr {shown[1]} itc {shown[2]} "
+                    f"tau_tag {tau_tag.item():.2f} tau_itc {tau_itc.item():.2f} lr {optimizer.param_groups[0]['lr']:.3g} "
+                    f"img/s {rate:.1f} gpu_mem {mem:.2f}GiB tagged {100 * tagged / max(samples, 1):.1f}% "
+                    f"found {100 * found / max(samples, 1):.1f}% skipped img {skipped_now['image']} "
+                    f"tar {skipped_now['tar']} member {skipped_now['member']}")
             print0(line)
             if master:
                 log.write(line + "\n")
                 log.flush()
+            if found < 0.5 * samples:
+                print0(f"warning: only {100 * found / max(samples, 1):.1f}% of the samples have their key in "
+                       f"labels.pt; the others train the contrastive loss only")
             sums, t_log, images_seen = {}, time.time(), 0
-        if step % args.save_every == 0 or step == args.steps:
+            seen = dict.fromkeys(seen, 0)
+        if save_now:
             save()
     if master:
         log.close()
