@@ -441,7 +441,7 @@ def download_file(url, target, sha256=None):
         print(f"{target} exists but its SHA-256 does not match; downloading it again", file=sys.stderr)
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    tmp = target + ".part"
+    tmp = f"{target}.part{os.getpid()}"  # one per process: several ranks may fetch at once on a fresh node
     try:
         with urllib.request.urlopen(url, timeout=30) as src, open(tmp, "wb") as dst:
             total = int(src.headers.get("Content-Length") or 0) or None

@@ -90,11 +90,33 @@ def tar_records(path, skipped):
         yield rec
 
 
+CSV_COLUMNS = ("key", "image", "caption")
+
+
 def csv_records(path, image_root):
     """(key, image path, caption) rows of a CSV with columns key, image, caption (image relative to image_root)."""
     with open(path, encoding="utf-8", newline="") as f:
         for row in csv.DictReader(f):
             yield row["key"], os.path.join(image_root, row["image"]), row["caption"]
+
+
+def check_csv(path, image_root):
+    """Before anything expensive: the CSV exists, has the columns key, image, caption (parse_tags.py keys its
+    rows by the same 'key' column), and its first image is where --image-root says."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--data-csv {path} not found")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {missing} (has {reader.fieldnames}); train.py reads "
+                             "key,image,caption, and parse_tags.py keys CSV rows by the same 'key' column")
+        first = next(reader, None)
+    if first is None:
+        raise ValueError(f"{path} has no rows")
+    image = os.path.join(image_root, first["image"])
+    if not os.path.isfile(image):
+        raise FileNotFoundError(f"the first image of {path}, {image}, does not exist: check --image-root")
 
 
 class CaptionImages(torch.utils.data.IterableDataset):
@@ -107,9 +129,12 @@ class CaptionImages(torch.utils.data.IterableDataset):
     which are skipped (without decoding) to resume exactly; `role_offset` rotates roles over DataLoader workers so
     that the resumed loader continues the same round-robin batch order."""
 
+    MAX_FAILURES = 1000  # consecutive undecodable images: the data is wrong, not a few files
+
     def __init__(self, files, labels, transform, rank=0, world=1, workers=0, shuffle_buffer=1000, seed=0,
-                 image_root=None, start=None, role_offset=0):
+                 image_root=None, start=None, role_offset=0, csv_input=False):
         super().__init__()
+        self.csv_input = csv_input
         self.files, self.labels, self.transform = files, labels, transform
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
         self.shuffle_buffer, self.seed, self.image_root = max(shuffle_buffer, 1), seed, image_root
@@ -128,20 +153,24 @@ class CaptionImages(torch.utils.data.IterableDataset):
             order = list(self.files)
             random.Random(stable_seed(self.seed, "files", epoch)).shuffle(order)
             mine = order[role::roles] if by_file else order
-            index = 0
+            index, read = 0, 0
             for path in mine:
-                records = csv_records(path, self.image_root) if path.endswith(".csv") else tar_records(path, skipped)
+                records = csv_records(path, self.image_root) if self.csv_input else tar_records(path, skipped)
                 for rec in records:
                     if by_file or index % roles == role:
+                        read += 1
                         yield epoch, rec
                     index += 1
+            if read == 0:  # else this loop would spin forever and training would wait without a word
+                raise RuntimeError(f"a whole pass over {len(mine)} file(s) gave worker {role} no complete sample "
+                                   f"(skipped so far: {skipped}); check the data files")
             epoch += 1
 
     def __iter__(self):
         role = self.role()
         skipped = {"image": 0, "tar": 0, "member": 0}
         rng = random.Random(stable_seed(self.seed, "shuffle", role))
-        buffer, position, start = [], 0, self.start.get(role, 0)
+        buffer, position, start, failures = [], 0, self.start.get(role, 0), 0
         for item in self.raw_stream(role, skipped):
             if len(buffer) < self.shuffle_buffer:  # fill the buffer, then emit a random element per new one
                 buffer.append(item)
@@ -156,8 +185,14 @@ class CaptionImages(torch.utils.data.IterableDataset):
                     skipped.update(dict.fromkeys(skipped, 0))
                 continue
             sample = self.decode(item, skipped)
-            if sample is not None:
-                yield (*sample, role, position, dict(skipped))
+            if sample is None:
+                failures += 1
+                if failures >= self.MAX_FAILURES:
+                    raise RuntimeError(f"{failures} images in a row could not be decoded (last: key {item[1][0]!r}); "
+                                       "check the data (or --image-root for a CSV)")
+                continue
+            failures = 0
+            yield (*sample, role, position, dict(skipped))
 
     def decode(self, item, skipped):
         from PIL import Image
@@ -179,18 +214,18 @@ class CaptionImages(torch.utils.data.IterableDataset):
 @contextlib.contextmanager
 def seeded(seed):
     """Seed every generator an augmentation draws from (timm uses Python's random and NumPy's, torchvision and
-    RandomErasing torch's), restoring them afterwards."""
+    RandomErasing torch's CPU one), restoring them afterwards (CUDA generators are not touched)."""
     import numpy as np
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    states = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
 
 
 def sparse_tags(index_lists):
@@ -293,14 +328,19 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=10, help="steps between log lines (and non-finite checks)")
     p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from out/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true", help="start afresh even if out/ckpt.pt exists (it is replaced)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every", "save_every", "shuffle_buffer", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.global_batch_size < 0:
         p.error("--workers and --global-batch-size cannot be negative")
+    if min(args.object_weight, args.attribute_weight, args.itc_weight) < 0:
+        p.error("loss weights cannot be negative")
     if not (args.object_weight or args.attribute_weight or args.itc_weight):
         p.error("every loss weight is 0: nothing to train")
+    if args.data and args.data_csv:
+        p.error("pass --data (tar shards) or --data-csv, not both")
     return args
 
 
@@ -350,7 +390,8 @@ def scaled_lr(lr, global_batch):
     return lr * global_batch / 4096
 
 
-RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels")
+RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels", "clip",
+                 "surgery_layers", "precision", "tag_loss", "tag_average", "trained_terms")
 
 
 def check_resume(saved, current, path):
@@ -366,7 +407,8 @@ def check_resume(saved, current, path):
                 new = f"{len(new)} files, #{diff} = {new[diff] if diff < len(new) else None}"
             raise ValueError(f"--resume: '{field}' differs from the run that wrote {path} ({old} there, {new} now). "
                              "An exact resume needs the same processes, --workers, --batch-size, --global-batch-size, "
-                             "--seed, --shuffle-buffer, data files and labels; start a new --out to change them")
+                             "--seed, --shuffle-buffer, data files, labels, CLIP, --surgery-layers, precision, tag "
+                             "loss and switched-off terms; start a new --out to change them")
 
 
 def pinned(t, device):
@@ -397,27 +439,43 @@ def train(args, rank, world, device):
                          f"({args.batch_size} x {world})")
     accum = global_batch // (args.batch_size * world)
     lr = scaled_lr(args.lr, global_batch)
-    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.precision != "auto":
+        precision = args.precision
+    elif device.type == "cuda":  # bf16 where the GPU has it (Ampere and later), else fp16 with a GradScaler
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        precision = "fp32"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     ckpt_path = os.path.join(args.out, "ckpt.pt")
 
     # ---- everything that can be wrong with the inputs is checked before CLIP is loaded (or downloaded)
     vocab, labels = load_label_data(args.labels)
-    files = ([args.data_csv] if args.data_csv else parse_tags.input_files(args.data)) if (args.data or args.data_csv) else None
-    if not files:
+    if not (args.data or args.data_csv):
         raise ValueError("no training data: pass --data SHARDS or --data-csv FILE")
+    if args.data_csv:
+        check_csv(args.data_csv, args.image_root)
+    files = [os.path.abspath(f) for f in ([args.data_csv] if args.data_csv else parse_tags.input_files(args.data))]
+    # the temperatures of switched-off terms are frozen (below): resuming must keep the same set
+    trained_terms = [k for k, w in (("obj", args.object_weight), ("attr", args.attribute_weight),
+                                    ("itc", args.itc_weight)) if w]
     run = {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": global_batch,
            "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
-           "labels": labels_fingerprint(args.labels)}
+           "labels": labels_fingerprint(args.labels), "clip": args.clip, "surgery_layers": args.surgery_layers,
+           "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
+           "trained_terms": trained_terms}
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         check_resume(ckpt["data"], run, ckpt_path)
+    elif os.path.isfile(ckpt_path) and not args.overwrite:
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or --overwrite to start "
+                              "afresh and replace it, or choose another --out")
     os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
+    tagalign.fetch_clip_once(args.clip)  # one download per node, not one per rank
     clip = clip_model.load(args.clip, device=device)
     raw_model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=args.surgery_layers)).to(device)
     tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
@@ -458,8 +516,8 @@ def train(args, rank, world, device):
         model = torch.compile(model)
 
     transform = train_transform(args.image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
-    dataset = CaptionImages(files, labels, transform, rank, world,
-                            args.workers, args.shuffle_buffer, args.seed, args.image_root, start, role_offset)
+    dataset = CaptionImages(files, labels, transform, rank, world, args.workers, args.shuffle_buffer, args.seed,
+                            args.image_root, start, role_offset, csv_input=bool(args.data_csv))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
@@ -496,33 +554,42 @@ def train(args, rank, world, device):
             data={**run, "start": all_consumed, "role_offset": micro_batches % max(args.workers, 1),
                   "skipped": total_skipped})
 
-    finite, recent_keys = [], []  # per micro-step since the last check: 0-dim bool on the device; (step, keys)
+    # Since the last check, on the device: per micro-step "loss finite", per step "gradient norm finite"; on the
+    # host: (step, keys) per micro-step
+    finite, finite_grad, recent_keys = [], [], []
 
     def check_finite():
-        """Collective: every rank learns whether any rank's loss was non-finite since the last check, so all stop
-        together (a rank that raised alone would leave the others waiting in the next all-reduce forever)."""
-        local = ~torch.stack(finite)  # (micro-steps,) bool, on the device
+        """Collective: every rank learns whether any rank's loss (or the gradient) was non-finite since the last
+        check, so all stop together (a rank that raised alone would leave the others waiting in the next
+        all-reduce forever). A non-finite loss names its step, its rank(s) and their batch keys."""
+        local = torch.cat([~torch.stack(finite), ~torch.stack(finite_grad)])  # (micro-steps + steps,) bool
         bad = tagalign.all_reduce_sum(local.float()).nonzero()  # the one host read of the interval
         if len(bad):
             i = int(bad[0])
-            mine = {"rank": rank, "bad": bool(local[i]), "keys": recent_keys[i][1]}
+            loss_bad = i < len(finite)
+            j = i if loss_bad else (i - len(finite) + 1) * accum - 1  # a gradient: the step's last micro-step
+            mine = {"rank": rank, "bad": bool(local[i]) or not loss_bad,
+                    "keys": recent_keys[j][1] if loss_bad else [k for _, ks in recent_keys[j + 1 - accum:j + 1] for k in ks]}
             everyone = [None] * world
             if world > 1:
                 dist.all_gather_object(everyone, mine)
             else:
                 everyone = [mine]
-            ranks = [e["rank"] for e in everyone if e["bad"]]
+            ranks = ", ".join(str(e["rank"]) for e in everyone if e["bad"])
             keys = [k for e in everyone if e["bad"] for k in e["keys"]]
-            raise FloatingPointError(f"non-finite loss at step {recent_keys[i][0]} (rank {', '.join(map(str, ranks))}"
-                                     f"; all {world} processes stop); batch keys: {keys[:64]}. The last checkpoint "
-                                     f"is intact: inspect these samples, or lower --lr / use --precision bf16 or fp32")
+            what = f"loss at step {recent_keys[j][0]} (rank {ranks}" if loss_bad else \
+                f"gradient at step {recent_keys[j][0]} (the losses were finite"
+            raise FloatingPointError(f"non-finite {what}; all {world} processes stop); batch keys: {keys[:64]}. The "
+                                     "last checkpoint is intact: inspect these samples, or lower --lr / use "
+                                     "--precision bf16 or fp32")
         finite.clear()
+        finite_grad.clear()
         recent_keys.clear()
 
     raw_model.train()
     t_log, images_seen = time.time(), 0
     sums, seen = {}, {"samples": 0, "found": 0, "tagged": 0}  # loss sums stay on the device until a log step
-    first = True
+    first, warned, logged_steps = True, False, 0
     while step < args.steps:
         step_batches = [next(batches) for _ in range(accum)]  # all of the step: the tag losses average over them
         for b in step_batches:
@@ -552,14 +619,18 @@ def train(args, rank, world, device):
         for micro, b in enumerate(step_batches):
             images = b["images"].to(device, non_blocking=True)
             sync = micro == accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), \
-                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                caption_emb = raw_model.encode_text(b["tokens"].to(device, non_blocking=True))
-                _, z = model(images)
-                obj_labels = multi_hot(*b["obj"], len(images), len(tags["objects"]), device)
-                attr_labels = multi_hot(*b["attr"], len(images), len(tags["attributes"]), device) if tags["attributes"] else None
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    caption_emb = raw_model.encode_text(b["tokens"].to(device, non_blocking=True)) \
+                        if args.itc_weight else None
+                    _, z = model(images)
+                # the losses in fp32: a 10,000-way softmax at tau ~ 100 needs more than bf16's 8 bits of mantissa
+                obj_labels = multi_hot(*b["obj"], len(images), len(tags["objects"]), device) \
+                    if args.object_weight else None
+                attr_labels = multi_hot(*b["attr"], len(images), len(tags["attributes"]), device) \
+                    if args.attribute_weight and tags["attributes"] else None
                 loss, terms = tagalign.tagalign_loss(
-                    raw_model, z, caption_emb, obj_labels, emb["objects"], attr_labels, emb.get("attributes"),
+                    raw_model, z.float(), caption_emb, obj_labels, emb["objects"], attr_labels, emb.get("attributes"),
                     log_freq["objects"], log_freq["attributes"], args.attribute_weight, args.itc_weight,
                     args.object_weight, args.tag_average, tag_counts, accum)
             finite.append(torch.isfinite(loss.detach()))  # read at the next check, not now (no host sync)
@@ -569,11 +640,14 @@ def train(args, rank, world, device):
                 sums[k] = sums.get(k, 0) + v.detach().float()
             images_seen += images.shape[0] * world
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        # a finite loss can still give non-finite gradients (fp16's GradScaler skips such steps by itself)
+        finite_grad.append(torch.ones_like(norm, dtype=torch.bool) if scaler.is_enabled() else torch.isfinite(norm))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        logged_steps += 1
 
         log_now = step % args.log_every == 0 or step == args.steps
         save_now = step % args.save_every == 0 or step == args.steps
@@ -584,8 +658,7 @@ def train(args, rank, world, device):
             counts = torch.tensor([float(seen[k]) for k in seen] + [float(sum(s[k] for s in worker_skipped.values()))
                                                                     for k in skipped_total], dtype=torch.float64)
             losses, counts = tagalign.all_reduce_sum(losses), tagalign.all_reduce_sum(counts)
-            n = step % args.log_every or args.log_every
-            losses = (losses / world / n).tolist()
+            losses = (losses / world / logged_steps).tolist()  # steps since the last log line (or the resume)
             shown = [f"{v:.4f}" if k in sums else "off" for k, v in zip(("obj", "attr", "itc"), losses)]
             samples, found, tagged = counts[:3].tolist()
             skipped_now = {k: skipped_total[k] + int(v) for k, v in zip(skipped_total, counts[3:].tolist())}
@@ -601,10 +674,11 @@ def train(args, rank, world, device):
             if master:
                 log.write(line + "\n")
                 log.flush()
-            if found < 0.5 * samples:
+            if found < 0.5 * samples and not warned:
                 print0(f"warning: only {100 * found / max(samples, 1):.1f}% of the samples have their key in "
-                       f"labels.pt; the others train the contrastive loss only")
-            sums, t_log, images_seen = {}, time.time(), 0
+                       f"labels.pt; the others train the contrastive loss only ('found' in every log line)")
+                warned = True
+            sums, t_log, images_seen, logged_steps = {}, time.time(), 0, 0
             seen = dict.fromkeys(seen, 0)
         if save_now:
             save()
@@ -616,5 +690,5 @@ def train(args, rank, world, device):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

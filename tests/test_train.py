@@ -239,10 +239,16 @@ def spawn_training(runs, out_dir, nan_step=0, timeout=300):
 
 def test_each_loss_term_can_be_switched_off_under_ddp(setup, tmp_path):
     """Paper Table 3's ablations under 2 gloo processes: a term switched off leaves its temperature without a
-    gradient, which DDP refuses at the second step unless that parameter is frozen."""
+    gradient, which DDP refuses at the second step unless that parameter is frozen. The same group also checks
+    that --tag-average tagged under 2 processes x 2 equals 1 process x 4 (the untagged sample is on rank 1)."""
     terms = {"--itc-weight": "itc", "--attribute-weight": "attr", "--object-weight": "obj"}
     runs = [base_args(setup, tmp_path / term, **{"--batch-size": 2, "--steps": 3, off: 0}) for off, term in terms.items()]
+    # in the same process group: --tag-average tagged (a count all-reduced over ranks) vs one process below
+    runs.append(base_args(setup, tmp_path / "tagged2", **{"--batch-size": 2, "--tag-average": "tagged"}))
     ended = spawn_training(runs, tmp_path)
+    assert ended[-1] == ["finished", "finished"], ended[-1]
+    train.main(base_args(setup, tmp_path / "tagged1", **{"--tag-average": "tagged"}))
+    assert_same(trainable(tmp_path / "tagged2" / "ckpt.pt"), trainable(tmp_path / "tagged1" / "ckpt.pt"), atol=2e-5)
     init = torch.tensor(1 / 0.07).log()
     for (off, term), messages in zip(terms.items(), ended):
         assert messages == ["finished", "finished"], (off, messages)
@@ -449,3 +455,34 @@ def test_augmentation_is_seeded_per_sample():
         with train.seeded(seed):
             runs.append(transform(img))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_inputs_are_checked_before_clip_is_loaded(setup, tmp_path, monkeypatch):
+    def no_clip(*a, **k):
+        raise AssertionError("CLIP was loaded before the inputs were checked")
+    monkeypatch.setattr(clip_model, "load", no_clip)
+    (tmp_path / "pairs.csv").write_text("id,image,caption\n1,a.jpg,a red circle\n")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['key'\]"):
+        train.main(base_args(setup, tmp_path / "a", **{"--data-csv": tmp_path / "pairs.csv"})[2:])
+    (tmp_path / "pairs.csv").write_text("key,image,caption\n1,a.jpg,a red circle\n")
+    with pytest.raises(FileNotFoundError, match="check --image-root"):
+        train.main(base_args(setup, tmp_path / "a", **{"--data-csv": tmp_path / "pairs.csv"})[2:])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        train.main(base_args(setup, tmp_path / "a", **{"--data": tmp_path / "missing.tar"}))
+    os.makedirs(tmp_path / "old")
+    torch.save({}, tmp_path / "old" / "ckpt.pt")
+    with pytest.raises(FileExistsError, match="pass --resume to continue that run, or --overwrite"):
+        train.main(base_args(setup, tmp_path / "old"))
+
+
+def test_undecodable_data_stops_instead_of_waiting_forever(setup, tmp_path):
+    items = [(key, b"not an image", caption) for key, _, caption in samples(6)]
+    write_shard(tmp_path / "junk.tar", items)
+    dataset = train.CaptionImages([str(tmp_path / "junk.tar")], None, train.train_transform(64, False),
+                                  shuffle_buffer=1)
+    with pytest.raises(RuntimeError, match="images in a row could not be decoded"):
+        next(iter(dataset))
+    write_shard(tmp_path / "empty.tar", [])
+    dataset = train.CaptionImages([str(tmp_path / "empty.tar")], None, train.train_transform(64, False))
+    with pytest.raises(RuntimeError, match="gave worker 0 no complete sample"):
+        next(iter(dataset))
