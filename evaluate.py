@@ -18,6 +18,9 @@ Scores: per window rule v3 (Eq. 7-8; v1 with --rule v1), averaged over overlappi
 original image; background (class 0 of voc, context, coco_object, imagenet_s*) when the best score is below the
 dataset's threshold. mIoU = mean over classes of TP / (TP + FP + FN) summed over the dataset (classes absent from
 both prediction and ground truth are skipped, as mmseg does).
+RefCOCO/+/g (our protocol; the authors released none): each expression itself is the text query, no template.
+Files, layouts and flags are checked before CLIP is loaded. Under torchrun each process takes GPU LOCAL_RANK
+(tagalign.init_distributed); images are split over ranks and every collective goes through the backend's device.
 """
 import argparse
 import json
@@ -173,10 +176,14 @@ def iou_from_confusion(cm):
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation loops
 
-def distributed_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+def gather_dicts(d):
+    """Merge a dict from every rank (rank 0's report must also list what the other ranks found); the identity in a
+    single process. all_gather_object pickles through the backend's device, which init_distributed has set."""
+    if not tagalign.distributed():
+        return d
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, d)
+    return {k: v for part in parts for k, v in sorted(part.items())}
 
 
 def settings(name, args, classes):
@@ -241,10 +248,11 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
         cm += confusion(pred, gt, C, ignore)
         if save_dir and i < args.save_predictions:
             save_prediction(save_dir, name, img_path, pred, gt, C, ignore)
-    if bad_values:
-        for path, values in bad_values.items():
+    bad_values = gather_dicts(bad_values)
+    if rank == 0:
+        for path, values in sorted(bad_values.items()):
             print(f"warning: {path}: label values {values} outside 0..{C - 1}; ignored", file=sys.stderr)
-    cm = distributed_sum(cm)
+    cm = tagalign.all_reduce_sum(cm)  # NCCL reduces only CUDA tensors: all_reduce_sum moves it there and back
     iou, miou, acc = iou_from_confusion(cm)
     return {"dataset": name, "miou": 100 * miou, "aacc": 100 * acc, "images": len(pairs),
             "per_class_iou": {c: (None if math.isnan(v) else 100 * v) for c, v in zip(classes, iou.tolist())},
@@ -362,46 +370,53 @@ def annotation_mask(segmentation, h, w):
     return rle_decode(segmentation["counts"], *segmentation["size"]).bool()
 
 
-def evaluate_refer(name, features, embed_texts, args, rank=0, world=1):
-    """mIoU (mean of per-expression IoU) and oIoU (sum I / sum U) per split. The mask of an expression: its
-    'cosine' map (the rule-v3 blend of cosines) min-max normalised over the image, above --ref-threshold."""
+def refer_paths(name, root):
+    """(refs pickle, instances.json, image folder) of a refer-layout dataset; a clear error when one is missing."""
+    split_by = REFER[name][0]
+    paths = (os.path.join(root, name, f"refs({split_by}).p"), os.path.join(root, name, "instances.json"),
+             os.path.join(root, "images", "mscoco", "images", "train2014"))
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found. Expected the refer layout under {root}: "
+                                    f"{name}/refs({split_by}).p, {name}/instances.json, images/mscoco/images/train2014/ "
+                                    "(see ../shared/benchmarks/REFCOCO.md)")
+    return paths
+
+
+def evaluate_refer(name, features, embed_expressions, args, rank=0, world=1):
+    """mIoU (mean of per-expression IoU) and oIoU (sum I / sum U) per split. Our protocol (the authors released
+    none): the text query is the expression itself (`raw`, no class template: embed_expressions gets the
+    sentences verbatim); its mask is the 'cosine' map (the rule-v3 blend of cosines) min-max normalised over the
+    image, above --ref-threshold."""
     from PIL import Image
     from tqdm import tqdm
-    split_by, splits = REFER[name]
-    base = os.path.join(args.data_root, name)
-    refs_path, inst_path = os.path.join(base, f"refs({split_by}).p"), os.path.join(base, "instances.json")
-    image_dir = os.path.join(args.data_root, "images", "mscoco", "images", "train2014")
-    for p in (refs_path, inst_path, image_dir):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found. Expected the refer layout under {args.data_root}: {name}/refs"
-                                    f"({split_by}).p, {name}/instances.json, images/mscoco/images/train2014/ "
-                                    "(see ../shared/benchmarks/REFCOCO.md)")
+    refs_path, inst_path, image_dir = refer_paths(name, args.data_root)
     with open(refs_path, "rb") as f:
         refs = pickle.load(f)
-    instances = json.load(open(inst_path))
+    with open(inst_path, encoding="utf-8") as f:
+        instances = json.load(f)
     anns = {a["id"]: a for a in instances["annotations"]}
     images = {i["id"]: i for i in instances["images"]}
     results = {}
-    for split in splits:
+    for split in REFER[name][1]:
         by_image = {}
         for ref in refs:
             if ref["split"] == split:
                 by_image.setdefault(ref["image_id"], []).append(ref)
-        image_ids = sorted(by_image)[rank::world]
-        if args.limit:
+        image_ids = sorted(by_image)
+        if args.limit:  # the same first N images whatever the number of ranks
             image_ids = image_ids[:args.limit]
-        totals = torch.zeros(3, dtype=torch.float64)  # sum I, sum U, sum per-expression IoU
-        count = torch.zeros(1, dtype=torch.float64)
-        for image_id in tqdm(image_ids, desc=f"{name} {split}", disable=rank != 0 or not args.progress):
+        totals = torch.zeros(4, dtype=torch.float64)  # sum I, sum U, sum per-expression IoU, expressions
+        for image_id in tqdm(image_ids[rank::world], desc=f"{name} {split}", disable=rank != 0 or not args.progress):
             info = images[image_id]
             img = Image.open(os.path.join(image_dir, info["file_name"])).convert("RGB")  # not ref['file_name']
             sentences, masks = [], []
             for ref in by_image[image_id]:
                 gt = annotation_mask(anns[ref["ann_id"]]["segmentation"], info["height"], info["width"])
                 for sent in ref["sentences"]:
-                    sentences.append(sent["raw"].lower().strip())
+                    sentences.append(sent["raw"].strip())  # the tokenizer lower-cases
                     masks.append(gt)
-            _, scores = tagalign.segment(features, img, embed_texts(sentences), rule="cosine",
+            _, scores = tagalign.segment(features, img, embed_expressions(sentences), rule="cosine",
                                          clip_weight=args.clip_weight, window=args.window, short_side=args.short_side,
                                          stride=args.stride or 224, use_pamr=args.pamr, window_batch=args.window_batch)
             lo = scores.flatten(1).min(1).values.view(-1, 1, 1)
@@ -409,28 +424,37 @@ def evaluate_refer(name, features, embed_texts, args, rank=0, world=1):
             preds = ((scores - lo) / (hi - lo).clamp(min=1e-8) > args.ref_threshold).cpu()
             for pred, gt in zip(preds, masks):
                 inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
-                totals += torch.tensor([inter, union, inter / union if union else 0.0], dtype=torch.float64)
-                count += 1
-        totals, count = distributed_sum(totals), distributed_sum(count)
-        results[split] = {"miou": 100 * (totals[2] / count.clamp(min=1)).item(),
-                          "oiou": 100 * (totals[0] / totals[1].clamp(min=1)).item(), "expressions": int(count.item())}
-    return {"dataset": name, "splits": results, "threshold": args.ref_threshold}
+                totals += torch.tensor([inter, union, inter / union if union else 0.0, 1], dtype=torch.float64)
+        totals = tagalign.all_reduce_sum(totals)  # one collective per split, on the backend's device
+        count = totals[3].item()
+        results[split] = {"miou": 100 * totals[2].item() / max(count, 1),
+                          "oiou": 100 * totals[0].item() / max(totals[1].item(), 1), "expressions": int(count)}
+    return {"dataset": name, "splits": results, "threshold": args.ref_threshold, "protocol": "ours"}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
 def results_table(results, pamr):
+    """Markdown table with the paper's number beside ours. RefCOCO rows are marked: the referring protocol is ours
+    (the authors released none), so their paper column is not a like-for-like comparison."""
     rows = ["| dataset | mIoU | paper |", "|---|---|---|"]
+    referring = False
     for r in results:
         if "splits" in r:
+            referring = True
             for split, s in r["splits"].items():
                 paper = PAPER_REFER.get((r["dataset"], split))
-                rows.append(f"| {r['dataset']} {split} | {s['miou']:.2f} (oIoU {s['oiou']:.2f}) | "
+                rows.append(f"| {r['dataset']} {split} (our protocol*) | {s['miou']:.2f} (oIoU {s['oiou']:.2f}) | "
                             f"{'-' if paper is None else paper} |")
         else:
             paper = PAPER[r["dataset"]][1 if pamr else 0] if r["dataset"] in PAPER else "-"
             rows.append(f"| {r['dataset']} | {r['miou']:.2f} | {paper} |")
+    if referring:
+        rows.append("")
+        rows.append("* referring protocol is ours, not the paper's (the authors released none): the expression itself "
+                    "is the text query, its blended cosine map is min-max normalised and thresholded at "
+                    "--ref-threshold; the paper column is the paper's own, unknown, protocol.")
     return "\n".join(rows)
 
 
@@ -461,35 +485,69 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+def requested_datasets(args):
     names = (args.datasets or args.dataset or "").split(",")
     names = STANDARD if names == ["all"] else list(REFER) if names == ["refer"] else [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in DATASETS and n not in REFER]
     if not names or unknown:
-        sys.exit(f"error: unknown or no dataset {unknown}; choose from {', '.join(STANDARD + list(REFER))}, all, refer")
+        raise ValueError(f"unknown or no dataset {unknown}; choose from {', '.join(STANDARD + list(REFER))}, all, refer")
+    return names
+
+
+def check_inputs(args, names):
+    """Everything a run needs that can be checked in a second, before CLIP is loaded (or downloaded) and before
+    any process group starts: flag values, the checkpoint and CLIP files, every requested dataset's layout.
+    Raises ValueError or FileNotFoundError with a one-line message."""
+    for flag in ("window", "short_side", "window_batch"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.stride is not None and args.stride <= 0:
+        raise ValueError(f"--stride must be positive, got {args.stride}")
+    for flag in ("limit", "save_predictions"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if not 0 <= args.clip_weight <= 1:
+        raise ValueError(f"--clip-weight must be in [0, 1], got {args.clip_weight}")
+    if not 0 <= args.ref_threshold < 1:
+        raise ValueError(f"--ref-threshold must be in [0, 1), got {args.ref_threshold}")
+    tagalign.check_model_files(args.checkpoint, args.clip)
+    if not os.path.isdir(args.data_root):
+        raise FileNotFoundError(f"--data-root {args.data_root} is not a folder")
+    for name in names:
+        if name in REFER:
+            refer_paths(name, args.data_root)
+            continue
+        dataset_classes(name, args.data_root)
+        pairs, _, _ = find_pairs(DATASETS[name], args.data_root)
+        if not pairs:
+            spec = DATASETS[name]
+            raise FileNotFoundError(f"{name}: no image/label pairs under {os.path.join(args.data_root, spec['root'])} "
+                                    f"({spec['img']}/*{spec['img_suffix']} with {spec['ann']}/*{spec['seg_suffix']})")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:  # bad input fails here, in a second, on every rank alike (no rank waits in a collective for another)
+        names = requested_datasets(args)
+        check_inputs(args, names)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    rank, world, device = tagalign.init_distributed()  # GPU LOCAL_RANK set before NCCL starts
     try:
         model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
     templates = tagalign.load_templates(args.templates)
     features = tagalign.feature_fn(model, args.method)
-    embed = lambda names_: tagalign.text_embeddings(model.clip, names_, templates).to(device)
+    embed_classes = lambda names_: tagalign.text_embeddings(model.clip, names_, templates).to(device)
+    embed_expressions = lambda sentences: tagalign.text_embeddings(model.clip, sentences, ["{}"]).to(device)
     results = []
     t0 = time.time()
     for name in names:
-        try:
-            if name in REFER:
-                results.append(evaluate_refer(name, features, embed, args, rank, world))
-            else:
-                results.append(evaluate_dataset(name, features, embed, args, rank, world, args.out))
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
+        if name in REFER:
+            results.append(evaluate_refer(name, features, embed_expressions, args, rank, world))
+        else:
+            results.append(evaluate_dataset(name, features, embed_classes, args, rank, world, args.out))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:

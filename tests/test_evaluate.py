@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 
 import clip_model
 import evaluate
-from conftest import ROOT
+import tagalign
+from conftest import ROOT, TINY
 
 # Fixture images are 448 x 448 (no resize, one window) made of 64-pixel blocks of flat colours; the oracle reads
 # each patch's colour, so its prediction is exact.
@@ -249,6 +250,128 @@ def test_imagenet_s_large_image_is_shrunk_and_scored_at_label_size(tmp_path):
     assert all(85 < iou[c] < 100 for c in ("goldfish", "clog", "agaric")), iou
 
 
+# SPEC section 7's table, written out here: (background threshold or None, window stride) of rule v3
+SPEC_TABLE = {"voc": (0.45, 56), "context": (0.1, 56), "coco_object": (0.3, 56), "imagenet_s50": (0.3, 56),
+              "imagenet_s300": (0.1, 56), "voc20": (None, 56), "context59": (None, 112), "coco_stuff": (None, 56),
+              "cityscapes": (None, 56), "ade": (None, 56)}
+
+
+def spec7_input(path):
+    """SPEC section 7's input: the image file, short side resized to 448 (long side <= 2048; sizes rounded as
+    mmcv's rescale does, int(x + 0.5)), ImageNet-normalised -> (1, 3, H, W), and the original (H0, W0)."""
+    from PIL import Image
+    import numpy as np
+    rgb = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255)
+    img = rgb.permute(2, 0, 1)[None]  # (1, 3, H0, W0)
+    H0, W0 = img.shape[-2:]
+    s = min(448 / min(H0, W0), 2048 / max(H0, W0))
+    x = torch.nn.functional.interpolate(img, size=(int(H0 * s + 0.5), int(W0 * s + 0.5)), mode="bilinear",
+                                        align_corners=False)
+    x = (x - torch.tensor(clip_model.IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(clip_model.IMAGENET_STD).view(3, 1, 1)
+    return x, (H0, W0)
+
+
+def spec7_transcription(model, path, text, bg, stride, a=0.5, window=448):
+    """SPEC section 7 written out for one image file, independently of tagalign's inference code: the input of
+    spec7_input, mmseg's slide grid, per window P = (1 - a) softmax(30 cos_main) + a softmax(30 cos_clip)
+    bilinearly resized to the window, averaged where windows overlap, bilinearly resized to the original size,
+    background where the best score is below the threshold, else argmax (prompt k is label k + 1 when there is
+    a background class). Returns (labels (H0, W0), scores (C, H0, W0))."""
+    x, (H0, W0) = spec7_input(path)
+    H, W = x.shape[-2:]
+    C = text.shape[0]
+    total, hits = torch.zeros(C, H, W), torch.zeros(H, W)
+    rows = max(H - window + stride - 1, 0) // stride + 1
+    cols = max(W - window + stride - 1, 0) // stride + 1
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + window, H), min(c * stride + window, W)
+            y1, x1 = max(y2 - window, 0), max(x2 - window, 0)
+            with torch.no_grad():
+                f_main, f_clip = model.dense_features(x[:, :, y1:y2, x1:x2])  # (1, h, w, D) each
+            cos_main = torch.einsum("bhwd,cd->bchw", f_main / f_main.norm(dim=-1, keepdim=True), text)
+            cos_clip = torch.einsum("bhwd,cd->bchw", f_clip / f_clip.norm(dim=-1, keepdim=True), text)
+            p = (1 - a) * torch.softmax(30 * cos_main, 1) + a * torch.softmax(30 * cos_clip, 1)  # (1, C, h, w)
+            p = torch.nn.functional.interpolate(p, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
+            total[:, y1:y2, x1:x2] += p[0]
+            hits[y1:y2, x1:x2] += 1
+    probs = torch.nn.functional.interpolate((total / hits)[None], size=(H0, W0), mode="bilinear",
+                                            align_corners=False)[0]
+    best, idx = probs.max(0)
+    if bg is None:
+        return idx, probs
+    return torch.where(best < bg, torch.zeros_like(idx), idx + 1), probs
+
+
+@pytest.fixture(scope="module")
+def tiny_tagalign(tiny_state_dict):
+    """The small random CLIP cut to its first 2 vision blocks, 1 of them surgery (the windows are 448 pixels,
+    784 tokens), under a TagAlign whose projector gates are open (f_main != f_clip)."""
+    torch.manual_seed(0)
+    two_blocks = {k: v for k, v in tiny_state_dict.items()
+                  if not any(k.startswith(f"visual.transformer.resblocks.{i}.") for i in range(2, TINY.vision_layers))}
+    config = tagalign.TagAlignConfig(surgery_layers=1)
+    model = tagalign.TagAlign(clip_model.build_model(two_blocks), config).eval()
+    for module in model.projector.modules():
+        if isinstance(module, tagalign.GatedConv):
+            module.gate.data.fill_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", ["voc", "context", "coco_object", "context59", "cityscapes"]  # every setting
+                         + [pytest.param(n, marks=pytest.mark.slow) for n in ("imagenet_s50", "imagenet_s300", "voc20",
+                                                                              "coco_stuff", "ade")])  # repeats
+def test_evaluation_matches_a_transcription_of_spec_section_7(tmp_path, monkeypatch, tiny_tagalign, name):
+    """One 215 x 190 image (short side 190 -> 448: 507 x 448, three overlapping windows at stride 56, two at
+    112) through evaluate_dataset with the dataset's defaults; segment()'s labels and scores must equal the
+    transcription's. The 'text embeddings' are the image's own patch features at random places, so that scores
+    are peaked in some places and flat in others and the threshold decides some pixels either way (a random
+    text encoder gives near-identical prompts: every pixel would be background)."""
+    spec = evaluate.DATASETS[name]
+    bg, stride = SPEC_TABLE[name]
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    blocks = torch.randint(0, 256, (5, 7, 3), generator=g, dtype=torch.uint8)  # coarse blocks, then noise
+    rgb = blocks.repeat_interleave(38, 0).repeat_interleave(38, 1)[:190, :215]
+    rgb = (rgb.int() + torch.randint(-20, 21, rgb.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    stem = {"cityscapes": "frankfurt/frankfurt_000000_000019", "imagenet_s50": "n01443537/ILSVRC2012_val_00000001",
+            "imagenet_s300": "n01443537/ILSVRC2012_val_00000001"}.get(name, "2008_000001")
+    base = tmp_path / spec["root"]
+    img_path = base / spec["img"] / (stem + spec["img_suffix"])
+    os.makedirs(img_path.parent)
+    from PIL import Image
+    Image.fromarray(rgb.numpy()).save(img_path)  # JPEG or PNG by the suffix; both paths read this same file
+    raw = FIXTURES[name][0][0]  # any valid raw label: the labels are not what this test checks
+    save_label(str(base / spec["ann"] / (stem + spec["seg_suffix"])), torch.full((190, 215), raw), FIXTURES[name][2])
+    if spec.get("split"):
+        os.makedirs((base / spec["split"]).parent)
+        (base / spec["split"]).write_text(stem + "\n")
+    classes = evaluate.read_classes(spec["classes"])
+    prompts = classes[1:] if bg is not None else classes  # background is never a prompt
+    with torch.no_grad():
+        f_main, f_clip = tiny_tagalign.dense_features(spec7_input(img_path)[0][:, :, :, :448])  # (1, 28, 28, D)
+    places = torch.randperm(28 * 28, generator=g)[:len(prompts)]
+    text = torch.nn.functional.normalize(torch.nn.functional.normalize(f_main.flatten(0, 2)[places], dim=-1)
+                                         + torch.nn.functional.normalize(f_clip.flatten(0, 2)[places], dim=-1), dim=-1)
+
+    def embed(names):
+        assert names == prompts
+        return text
+
+    calls, segment = [], tagalign.segment
+    monkeypatch.setattr(tagalign, "segment", lambda *a, **k: calls.append(segment(*a, **k)) or calls[-1])
+    features = tagalign.feature_fn(tiny_tagalign)
+    result = evaluate.evaluate_dataset(name, features, embed, args_for(tmp_path, window_batch=2))
+    assert (result["stride"], result["background_threshold"]) == (stride, bg) and len(calls) == 1
+    labels, scores = calls[0]
+    ref_labels, ref_scores = spec7_transcription(tiny_tagalign, img_path, text, bg, stride)
+    assert len(tagalign.window_boxes(448, 507, 448, stride)) == {56: 3, 112: 2}[stride]
+    assert labels.shape == (190, 215)
+    assert torch.allclose(scores[1:] if bg is not None else scores, ref_scores, atol=1e-5)
+    assert (labels == ref_labels).float().mean() > 0.9999  # ties within float noise only
+    used = labels.unique().tolist()
+    assert len(used) > 1 and (bg is None or 0 in used), used  # the threshold does decide some pixels
+
+
 def test_bad_input_is_reported(tmp_path, capsys):
     to_prompt = build_fixture(tmp_path, "voc")
     base = tmp_path / "VOCdevkit/VOC2012"
@@ -270,19 +393,70 @@ def test_bad_input_is_reported(tmp_path, capsys):
 def _eval_worker(rank, world, init_file, root, swapped, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     r = evaluate.evaluate_dataset("context", calibrated("context", swapped), embed_identity, args_for(root), rank, world)
+    refer = evaluate.evaluate_refer("refcoco", oracle({3: "Yellow square", 4: "MAGENTA box"}), embed_expression,
+                                    args_for(root / "refer" / "data"), rank, world)
     if rank == 0:
-        torch.save(r, out)
+        torch.save((r, refer), out)
     dist.destroy_process_group()
 
 
 def test_one_process_and_two_gloo_processes_agree(tmp_path):
     to_prompt = build_fixture(tmp_path, "context", n_images=5)
+    # a bad label value in image 1, which rank 1 evaluates: rank 0's report must still list it
+    from PIL import Image
+    bad_path = tmp_path / "VOCdevkit/VOC2010/SegmentationClassContext/000000000001.png"
+    label = evaluate.pil_to_long(Image.open(bad_path))
+    label[200:210, 10:20] = 77  # outside 0..59
+    save_label(str(bad_path), label, "L")
+    root = build_refer_fixture(tmp_path)
     swapped = {**to_prompt, 1: to_prompt[2]}
     single = evaluate.evaluate_dataset("context", calibrated("context", swapped), embed_identity, args_for(tmp_path))
+    refer = evaluate.evaluate_refer("refcoco", oracle({3: "Yellow square", 4: "MAGENTA box"}), embed_expression,
+                                    args_for(root))
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "init"), tmp_path, swapped, str(tmp_path / "r.pt")), nprocs=2)
-    double = torch.load(tmp_path / "r.pt", weights_only=False)
+    double, double_refer = torch.load(tmp_path / "r.pt", weights_only=False)
     assert double["per_class_iou"] == single["per_class_iou"] and double["miou"] == single["miou"]
     assert 0 < single["miou"] < 100
+    assert single["bad_label_values"] == {str(bad_path): [77]}
+    assert double["bad_label_values"] == single["bad_label_values"]
+    assert double_refer["splits"] == refer["splits"] and refer["splits"]["val"]["expressions"] == 2
+
+
+def test_every_collective_tensor_goes_through_comm_device(tmp_path, monkeypatch):
+    """NCCL reduces only tensors on the rank's GPU, so every collective's tensor must be on the device
+    tagalign.comm_device() names. Distribution is faked in one process and comm_device() names 'meta', a device
+    none of our tensors lives on: each all_reduce must receive a meta tensor. A meta tensor has no data to go on
+    with, so the fake all_reduce stops the run once it has seen its tensor (one all_reduce per dataset, and per
+    RefCOCO split, is all there is)."""
+    to_prompt = build_fixture(tmp_path, "voc", n_images=2)
+    root = build_refer_fixture(tmp_path)
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def fake_all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Seen
+
+    def fake_all_gather_object(out, obj, *args, **kwargs):
+        seen.append("object")  # pickled by torch through the backend's device; no tensor of ours
+        out[:] = [obj] * len(out)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda *args, **kwargs: "nccl")
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(dist, "all_gather_object", fake_all_gather_object)
+    monkeypatch.setattr(tagalign, "comm_device", lambda: torch.device("meta"))
+    with pytest.raises(Seen):
+        evaluate.evaluate_dataset("voc", calibrated("voc", to_prompt), embed_identity, args_for(tmp_path))
+    assert seen == ["object", torch.device("meta")]
+    seen.clear()
+    with pytest.raises(Seen):
+        evaluate.evaluate_refer("refcoco", oracle({3: "Yellow square", 4: "MAGENTA box"}), embed_expression,
+                                args_for(root))
+    assert seen == [torch.device("meta")]
 
 
 def test_make_coco_object_converter(tmp_path):
@@ -319,8 +493,10 @@ def test_rle_and_polygons_match_pycocotools():
     assert torch.equal(evaluate.rle_decode(enc["counts"], 9, 13), torch.from_numpy(m))
 
 
-def test_refcoco_fixture_end_to_end(tmp_path):
-    root = tmp_path / "refer" / "data"
+def build_refer_fixture(root):
+    """refer/data under root with one COCO image: a yellow square (ref 1, two 'val' expressions) and a magenta
+    rectangle (ref 2, one 'testA' expression). Returns the --data-root."""
+    root = root / "refer" / "data"
     cmap = block_layout(5, [0, 1, 2])
     cmap[64:192, 64:192] = 3  # a yellow square: ref 1
     cmap[256:384, 320:448] = 4  # a magenta rectangle: ref 2
@@ -337,9 +513,20 @@ def test_refcoco_fixture_end_to_end(tmp_path):
             {"ref_id": 2, "ann_id": 8, "image_id": 42, "category_id": 2, "split": "testA", "sent_ids": [3],
              "file_name": "COCO_train2014_000000000042_8.jpg", "sentences": [sent("MAGENTA box", 3)]}]
     os.makedirs(root / "refcoco")
-    json.dump(instances, open(root / "refcoco/instances.json", "w"))
-    pickle.dump(refs, open(root / "refcoco/refs(unc).p", "wb"))
-    embed = lambda names: embed_identity(["Yellow square" if "yellow" in n else "MAGENTA box" for n in names])
+    with open(root / "refcoco/instances.json", "w") as f:
+        json.dump(instances, f)
+    with open(root / "refcoco/refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+    return root
+
+
+def embed_expression(sentences):
+    return embed_identity(["Yellow square" if "yellow" in s.lower() else "MAGENTA box" for s in sentences])
+
+
+def test_refcoco_fixture_end_to_end(tmp_path):
+    root = build_refer_fixture(tmp_path)
+    embed = embed_expression
     result = evaluate.evaluate_refer("refcoco", oracle({3: "Yellow square", 4: "MAGENTA box"}), embed, args_for(root))
     splits = result["splits"]
     # both val expressions point at the square: equal IoUs, so mIoU == oIoU; corners cost a few pixels
@@ -350,10 +537,58 @@ def test_refcoco_fixture_end_to_end(tmp_path):
                                       args_for(root))["splits"]
     assert swapped["val"]["miou"] == 0 and swapped["val"]["oiou"] == 0  # each query finds the other shape
     table = evaluate.results_table([result], pamr=False)
-    assert "| refcoco val |" in table and "18.75" in table
+    # the paper's number stands beside ours, but the row and a footnote say the referring protocol is ours
+    assert "| refcoco val (our protocol*) |" in table and "| 18.75 |" in table
+    assert "* referring protocol is ours, not the paper's (the authors released none)" in table
+    assert "our protocol" not in evaluate.results_table([{"dataset": "voc", "miou": 50.0}], pamr=False)
 
 
-def test_command_line_errors(tmp_path):
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--dataset", "nope", "--data-root",
-                          str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "unknown or no dataset ['nope']" in run.stderr and "Traceback" not in run.stderr
+# ---------------------------------------------------------------------------------------------- command line
+
+def test_refcoco_text_query_is_the_expression_itself(tmp_path, monkeypatch, capsys, tiny_state_dict):
+    """The text encoder receives each RefCOCO expression verbatim (no 'a photo of a {}.'), through main(), which
+    sets up distribution with tagalign.init_distributed."""
+    root = build_refer_fixture(tmp_path)
+    torch.save(tiny_state_dict, tmp_path / "clip.pt")
+    prompts, inits = [], []
+    tokenize, init_distributed = clip_model.tokenize, tagalign.init_distributed
+    recording = lambda texts, *a, **k: prompts.extend(texts) or tokenize(texts, *a, **k)
+    monkeypatch.setattr(clip_model, "tokenize", recording)
+    monkeypatch.setattr(tagalign, "init_distributed", lambda: inits.append(1) or init_distributed())
+    results = evaluate.main(["--dataset", "refcoco", "--data-root", str(root), "--clip", str(tmp_path / "clip.pt"),
+                             "--short-side", "64", "--window", "64", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert prompts == ["Yellow square", "the yellow one", "MAGENTA box"]  # val's two, then testA's one
+    assert inits == [1] and results[0]["protocol"] == "ours"
+    assert "| refcoco val (our protocol*) |" in capsys.readouterr().out
+
+
+def test_bad_input_fails_before_clip_is_loaded(tmp_path, monkeypatch):
+    """Files, layouts and flags are checked first: a one-line 'error:' naming the problem, no CLIP load."""
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("CLIP loaded before the inputs were checked"))
+    build_fixture(tmp_path, "voc", n_images=1)
+    root = str(tmp_path)
+    cases = [(["--dataset", "nope", "--data-root", root], "unknown or no dataset ['nope']"),
+             (["--dataset", "voc", "--data-root", "/nonexistent"], "/nonexistent"),
+             (["--dataset", "ade", "--data-root", root], "ADEChallengeData2016"),
+             (["--datasets", "voc,context", "--data-root", root], "VOC2010"),  # the second dataset's layout
+             (["--dataset", "folder", "--data-root", root], "classes.txt"),
+             (["--dataset", "refcoco", "--data-root", root], "refs(unc).p"),
+             (["--dataset", "voc", "--data-root", root, "--checkpoint", str(tmp_path / "missing.pt")], "missing.pt"),
+             (["--dataset", "voc", "--data-root", root, "--clip", str(tmp_path / "nope.pt")], "nope.pt"),
+             (["--dataset", "voc", "--data-root", root, "--stride", "-56"], "--stride"),
+             (["--dataset", "voc", "--data-root", root, "--window", "0"], "--window"),
+             (["--dataset", "voc", "--data-root", root, "--limit", "-1"], "--limit"),
+             (["--dataset", "voc", "--data-root", root, "--clip-weight", "1.5"], "--clip-weight")]
+    for argv, what in cases:
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(argv + ["--no-progress"])
+        message = str(e.value.code)
+        assert message.startswith("error: ") and what in message and "\n" not in message, (argv, message)
+
+
+def test_command_line_error_is_one_line_without_traceback(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--dataset", "voc", "--data-root",
+                          str(tmp_path / "nonexistent")], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: --data-root ") and "nonexistent" in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1, run.stderr
