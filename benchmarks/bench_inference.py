@@ -2,12 +2,17 @@
 Images/s of TagAlign's dense inference (segment(): short side 448, 448 windows, rule v3) with the windows batched
 vs one window at a time, on random ViT-B/16 weights, same machine, same run.
 
+With --pamr-classes C it measures PAMR alone instead: time and peak memory of pamr() on C class maps at the
+resized image size (what segment(use_pamr=True) hands it).
+
 Run:
     python benchmarks/bench_inference.py                                   # CPU, a 500x375 (VOC-like) image
     python benchmarks/bench_inference.py --device cuda --width 2048 --height 1024 --stride 56   # Cityscapes-like
+    python benchmarks/bench_inference.py --pamr-classes 171                # PAMR, COCO-Stuff's 171 classes
 """
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -31,7 +36,10 @@ def main():
     parser.add_argument("--window-batch", type=int, default=16, help="windows per forward in the batched run")
     parser.add_argument("--images", type=int, default=2, help="timed images per measurement")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype")
+    parser.add_argument("--pamr-classes", type=int, default=0, help="measure PAMR alone on this many class maps")
     args = parser.parse_args()
+    if args.pamr_classes:
+        return bench_pamr(args)
 
     clip = clip_model.build_model(random_state_dict(VIT_B_16)).to(args.device)
     model = tagalign.TagAlign(clip).to(args.device).eval()
@@ -59,6 +67,31 @@ def main():
     print(f"one window at a time: {single:.3f} img/s")
     print(f"batched ({args.window_batch} per forward): {batched:.3f} img/s")
     print(f"ratio batched / one-at-a-time: {batched / single:.2f}")
+
+
+def bench_pamr(args):
+    """Seconds and peak memory of one pamr() call (10 iterations) on (1, C, H, W) maps at the resized size. Peak
+    memory: the process's peak RSS on CPU (getrusage, before vs after, so only what PAMR added above the inputs),
+    torch's peak allocation on CUDA."""
+    device = torch.device(args.device)
+    x = tagalign.resize_short_side(torch.rand(1, 3, args.height, args.width), 448).to(device)
+    masks = torch.rand(1, args.pamr_classes, *x.shape[-2:], device=device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tagalign.pamr(x, masks)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    print(f"device={args.device} PAMR on (1, {args.pamr_classes}, {x.shape[2]}, {x.shape[3]}), 10 iterations, "
+          f"threads={torch.get_num_threads()}: {dt:.2f} s")
+    if device.type == "cuda":
+        print(f"peak CUDA allocation {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
+    else:
+        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"peak RSS {rss_after:.2f} GiB ({rss_after - rss_before:.2f} GiB above the inputs' {rss_before:.2f} GiB)")
 
 
 if __name__ == "__main__":
