@@ -532,8 +532,8 @@ def main(argv=None):
         check_inputs(args, names)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    rank, world, device = tagalign.init_distributed()  # GPU LOCAL_RANK set before NCCL starts
     try:
+        rank, world, device = tagalign.init_distributed()  # GPU LOCAL_RANK set before NCCL starts
         model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
