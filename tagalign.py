@@ -11,8 +11,9 @@ What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
   g = 0 at init, so the projector starts as the identity) on the 768-d CLIP Surgery patch tokens, then a
   trainable copy of CLIP's ln_post + proj. Image embedding z = spatial mean.
 - Eq. 1-2: multi-tag classification, s_k = tau cos(z, c_k), softmax over the K tags, loss averaged over the
-  image's tags P: -(1/|P|) sum_{k in P} log p_k. Eq. 4: balanced softmax, softmax(s_k + log f_k) (paper's
-  default; the authors' released code trains with the plain softmax: `tag_loss="plain"`).
+  image's tags P: -(1/|P|) sum_{k in P} log p_k, then over the batch (as the authors' code: images without tags
+  add 0; `average="tagged"` averages over tagged images only). Eq. 4: balanced softmax, softmax(s_k + log f_k)
+  (paper's default; the authors' released code trains with the plain softmax: `--tag-loss plain`).
 - Eq. 5: symmetric image-text InfoNCE against the frozen CLIP caption embedding, features all-gathered with
   gradient across ranks. Eq. 6: L = L_obj + w_attr L_attr + lambda L_itc.
 - Eq. 7-8 (rule v3): per window P = (1 - a) softmax(30 cos(f_tagalign, t)) + a softmax(30 cos(f_clip, t));
@@ -167,10 +168,21 @@ def load_checkpoint(path, clip=None, device="cpu"):
     return model.to(device).eval()
 
 
+def check_model_files(checkpoint=None, clip=None):
+    """Fail in a second, not after a CLIP download: the checkpoint must be a file, and clip a known model name,
+    a URL or a file."""
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"TagAlign checkpoint not found: {checkpoint}")
+    if clip and clip not in clip_model.MODELS and "://" not in clip and not os.path.isfile(clip):
+        raise FileNotFoundError(f"CLIP checkpoint not found: {clip} (a file, or a model name: "
+                                f"{', '.join(clip_model.MODELS)})")
+
+
 def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu"):
     """A TagAlign checkpoint, or without one the untrained model (identity projector = CLIP Surgery) with
     surgery_layers (default min(6, the CLIP's blocks)). clip: a CLIP path or name (default: the checkpoint's,
     else ViT-B/16)."""
+    check_model_files(checkpoint, clip)  # before a CLIP is loaded or downloaded
     clip = clip_model.load(clip, device=device) if clip else None
     if checkpoint:
         return load_checkpoint(checkpoint, clip, device)
@@ -243,31 +255,90 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def init_distributed():
+    """The one DDP set-up of train.py and evaluate.py. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain
+    `python x.py` is one process. With CUDA each process takes GPU LOCAL_RANK *before* NCCL starts (else every
+    rank's NCCL communicator and every `.cuda()` lands on GPU 0) and the backend is NCCL, else gloo.
+    Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count == 1:  # launchers that give each task its own GPU (e.g. SLURM --gpus-per-task=1)
+            local_rank = 0
+        elif local_rank >= count:
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible; "
+                               "use --nproc_per_node <= the number of GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def fetch_clip_once(name):
+    """Before every rank loads a CLIP by name: the first process of each node downloads it (into the shared
+    cache) while the others wait, so that 8 ranks of a fresh node do not fetch 335 MB at once."""
+    if name in clip_model.MODELS and distributed():
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            clip_model.download(name)
+        dist.barrier()
+
+
+def comm_device():
+    """Where a collective's tensor must live: NCCL only reduces CUDA tensors (on this rank's GPU), gloo CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over ranks whatever device it lives on (moved to comm_device() for the collective and back);
+    the identity in a single process."""
+    if not distributed():
+        return t
+    buf = t.to(comm_device(), copy=True)  # never reduce the caller's tensor in place
+    dist.all_reduce(buf)
+    return buf.to(t.device)
+
+
 def gather_with_grad(x):
     """(B, D) on each rank -> (world * B, D) in rank order, differentiable; the identity in a single process."""
     return _GatherWithGrad.apply(x) if distributed() else x
 
 
-def tag_loss(z, tag_emb, labels, tau, log_freq=None):
+def tag_loss(z, tag_emb, labels, tau, log_freq=None, average="batch", count=None):
     """Multi-tag classification, Eq. 1-2 (Eq. 4 when log_freq is given).
     z: (B, D) image embeddings; tag_emb: (K, D) normalised tag embeddings; labels: (B, K) 0/1;
     log_freq: (K,) log of the tag frequencies f_k for the balanced softmax, or None for the plain softmax.
-    Returns the mean over the images that have tags across ALL ranks, scaled so that DDP's gradient averaging
-    gives exactly the gradient of that global mean (images without tags contribute nothing, and no NaN)."""
+    Each image's loss is -(1/|P|) sum_{k in P} log p_k (0 for an image without tags). They are averaged over
+    - average="batch" (default, the authors' code): every image of the global batch, untagged ones adding 0, so
+      the loss weights of the released config mean what they meant there;
+    - average="tagged": only the images that have tags.
+    count: the number of images averaged over, summed over all ranks AND all micro-batches of the optimizer step
+    (gradient accumulation: the step's loss is then the sum of its micro-batches' values). None: this batch
+    across ranks. The value is scaled by the world size so that DDP's gradient averaging gives exactly the
+    gradient of that global mean."""
+    if average not in ("batch", "tagged"):
+        raise ValueError(f"unknown tag-loss average {average!r}; choose batch or tagged")
     s = tau * F.normalize(z.float(), dim=-1) @ tag_emb.float().t()  # (B, K)
     if log_freq is not None:
         s = s + log_freq  # balanced softmax: exp(s_k) f_k / sum_j exp(s_j) f_j
     labels = labels.float()
     n_pos = labels.sum(1)  # |P| per image
-    per_image = -(labels * F.log_softmax(s, dim=-1)).sum(1) / n_pos.clamp(min=1)  # (B,)
-    has_tags = (n_pos > 0).float()
-    count = has_tags.sum()
-    world = 1
-    if distributed():
-        count = count.clone()
-        dist.all_reduce(count)
-        world = dist.get_world_size()
-    return (per_image * has_tags).sum() * world / count.clamp(min=1)
+    per_image = -(labels * F.log_softmax(s, dim=-1)).sum(1) / n_pos.clamp(min=1)  # (B,), 0 without tags
+    world = dist.get_world_size() if distributed() else 1
+    if count is None:
+        if average == "batch":
+            count = z.shape[0] * world  # DDP batches are equal on every rank
+        else:
+            count = all_reduce_sum((n_pos > 0).float().sum())  # stays on the device: no host sync
+    if torch.is_tensor(count):
+        count = count.clamp(min=1)
+    else:
+        count = max(count, 1)
+    return per_image.sum() * world / count
 
 
 def contrastive_loss(z, t, tau):
@@ -281,16 +352,25 @@ def contrastive_loss(z, t, tau):
 
 
 def tagalign_loss(model: TagAlign, z, caption_emb, obj_labels, obj_emb, attr_labels=None, attr_emb=None,
-                  obj_log_freq=None, attr_log_freq=None, attribute_weight=1.0, itc_weight=1.0):
-    """Eq. 6: L = L_obj + attribute_weight * L_attr + itc_weight * L_itc. Returns (total, {name: value})."""
+                  obj_log_freq=None, attr_log_freq=None, attribute_weight=1.0, itc_weight=1.0, object_weight=1.0,
+                  tag_average="batch", tag_counts=(None, None), accumulation=1):
+    """Eq. 6: L = object_weight L_obj + attribute_weight L_attr + itc_weight L_itc. A term whose weight is 0 is
+    not computed (its temperature then gets no gradient: train.py freezes it, as DDP requires).
+    With gradient accumulation over `accumulation` micro-batches each call returns this micro-batch's share of
+    the step's loss: the tag terms divided by tag_counts = (objects, attributes) images of the whole step (see
+    tag_loss), the contrastive term divided by `accumulation` (the mean of the micro-batches' InfoNCE, each over
+    its own micro-batch's negatives). Summed over the step's micro-batches, total and terms are the step's values.
+    Returns (total, {name: value}) with the unweighted terms."""
     tau_tag, tau_itc = model.temperatures()
-    terms = {"obj": tag_loss(z, obj_emb, obj_labels, tau_tag, obj_log_freq)}
-    total = terms["obj"]
+    terms, total = {}, z.new_zeros(())
+    if object_weight:
+        terms["obj"] = tag_loss(z, obj_emb, obj_labels, tau_tag, obj_log_freq, tag_average, tag_counts[0])
+        total = total + object_weight * terms["obj"]
     if attribute_weight and attr_labels is not None:
-        terms["attr"] = tag_loss(z, attr_emb, attr_labels, tau_tag, attr_log_freq)
+        terms["attr"] = tag_loss(z, attr_emb, attr_labels, tau_tag, attr_log_freq, tag_average, tag_counts[1])
         total = total + attribute_weight * terms["attr"]
     if itc_weight:
-        terms["itc"] = contrastive_loss(z, caption_emb, tau_itc)
+        terms["itc"] = contrastive_loss(z, caption_emb, tau_itc) / accumulation
         total = total + itc_weight * terms["itc"]
     return total, terms
 
@@ -423,28 +503,41 @@ def sliding_scores(features, image, text_emb, window=448, stride=224, window_bat
     return total / count
 
 
+def pamr_neighbours(x, dilations):
+    """Yields, one at a time, x (B, c, H, W) read at each of the 8 offsets (+-d, +-d), (0, +-d), (+-d, 0) of
+    every dilation d, with replicate padding: (B, c, H, W) views of one padded copy per dilation. One at a
+    time so that no (B, c, 48, H, W) stack is ever built (171 classes at 448 x 597 would be 8.8 GB)."""
+    H, W = x.shape[-2:]
+    for d in dilations:
+        p = F.pad(x, (d, d, d, d), mode="replicate")  # (B, c, H + 2d, W + 2d)
+        for dy in (-d, 0, d):
+            for dx in (-d, 0, d):
+                if (dy, dx) != (0, 0):
+                    yield p[:, :, d + dy:d + dy + H, d + dx:d + dx + W]
+
+
 def pamr(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
     """Pixel-adaptive mask refinement (SPEC section 7). image: (B, 3, H, W) normalised; masks: (B, C, h, w).
-    Returns (B, C, H, W)."""
+    Returns (B, C, H, W). Memory: a few (B, C, H, W) and (B, 48, H, W) tensors; the 48 neighbours are visited
+    one at a time (each class evolves independently and all share the affinities)."""
     B, _, H, W = image.shape
     masks = F.interpolate(masks.float(), size=(H, W), mode="bilinear", align_corners=True)
     image = image.float()
-
-    def neighbours(x, d):  # (B, c, H, W) -> (B, c, 8, H, W): values at the 8 offsets of dilation d
-        p = F.pad(x, (d, d, d, d), mode="replicate")
-        offs = [(dy, dx) for dy in (-d, 0, d) for dx in (-d, 0, d) if (dy, dx) != (0, 0)]
-        return torch.stack([p[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy, dx in offs], 2)
-
-    nbr = torch.cat([neighbours(image, d) for d in dilations], 2)  # (B, 3, 48, H, W)
     # sigma: unbiased std over the six dilated 3x3 windows (the centre counted once per window: 54 values)
     n = 9 * len(dilations)
-    s1 = nbr.sum(2) + len(dilations) * image
-    s2 = nbr.pow(2).sum(2) + len(dilations) * image.pow(2)
-    sigma = ((s2 - s1.pow(2) / n) / (n - 1)).clamp(min=0).sqrt()  # (B, 3, H, W)
-    aff = -(nbr - image.unsqueeze(2)).abs() / (1e-8 + 0.1 * sigma.unsqueeze(2))
-    aff = aff.mean(1).softmax(1)  # (B, 48, H, W)
+    s1, s2 = len(dilations) * image, len(dilations) * image.pow(2)  # (B, 3, H, W) running sums
+    for nb in pamr_neighbours(image, dilations):
+        s1 = s1 + nb
+        s2 = s2 + nb.pow(2)
+    scale = 1e-8 + 0.1 * ((s2 - s1.pow(2) / n) / (n - 1)).clamp(min=0).sqrt()  # (B, 3, H, W)
+    # affinity logits, one neighbour at a time: mean over the 3 channels of -|I - I_n| / (1e-8 + 0.1 sigma)
+    aff = torch.stack([(-(nb - image).abs() / scale).mean(1) for nb in pamr_neighbours(image, dilations)], 1)
+    aff = aff.softmax(1)  # (B, 48, H, W), softmax over the neighbours
     for _ in range(iterations):
-        masks = (torch.cat([neighbours(masks, d) for d in dilations], 2) * aff.unsqueeze(1)).sum(2)
+        new = torch.zeros_like(masks)
+        for k, nb in enumerate(pamr_neighbours(masks, dilations)):
+            new.addcmul_(nb, aff[:, k:k + 1])  # M <- sum_n a_n M_n; (B, 1, H, W) broadcast over the classes
+        masks = new
     return masks
 
 
@@ -499,7 +592,7 @@ def palette(n):
     return colours
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="TagAlign on one image: overlay and per-query heatmaps")
     parser.add_argument("--image", required=True, help="input image file")
     parser.add_argument("--queries", required=True, help='comma-separated text queries, e.g. "brown cat,dog"')
@@ -520,15 +613,25 @@ def main():
     parser.add_argument("--short-side", type=int, default=448, help="resize the short side to this before windows")
     parser.add_argument("--pamr", action="store_true", help="refine the maps with PAMR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from PIL import Image
-    try:
-        model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device)
-        img = Image.open(args.image).convert("RGB")
+    queries = [q.strip() for q in args.queries.split(",") if q.strip()]
+    try:  # the inputs first, in a second; only then CLIP (which may mean a download)
+        for flag in ("window", "stride", "short_side"):
+            if getattr(args, flag) <= 0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+        if not queries:
+            raise ValueError("--queries holds no query; give comma-separated texts, e.g. \"brown cat,dog\"")
+        if not os.path.isfile(args.image):
+            raise FileNotFoundError(f"image not found: {args.image}")
+        try:
+            img = Image.open(args.image).convert("RGB")
+        except OSError as e:
+            raise ValueError(f"cannot read image {args.image} ({e})") from e
+        model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device)  # checks its files first
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
-    queries = [q.strip() for q in args.queries.split(",") if q.strip()]
     text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
     features = feature_fn(model, args.method)
     kw = dict(window=args.window, stride=args.stride, short_side=args.short_side, clip_weight=args.clip_weight)

@@ -71,9 +71,15 @@ def test_tag_loss_plain_hand_computed():
     z = torch.tensor([[2.0, 0.0], [0.3, -1.0], [0.0, 5.0]])
     labels = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0]])
     # tau = 10; image 0: s = (10, 0, 7.071068), log-sum-exp = 10.052117; -(1/2)(log p0 + log p2) = 1.516584
-    # image 2: s = (0, 10, 7.071068), -log p1 = 10.052117 - 10 = 0.052117; mean over the 2 tagged images:
+    # image 2: s = (0, 10, 7.071068), -log p1 = 10.052117 - 10 = 0.052117.
+    # Default (the authors' code): mean over all 3 images, the untagged one adding 0.
     loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0))
-    assert loss.item() == pytest.approx((1.516584 + 0.052117) / 2, abs=1e-5)
+    assert loss.item() == pytest.approx((1.516584 + 0 + 0.052117) / 3, abs=1e-5)
+    # average="tagged": mean over the 2 tagged images; count= overrides the denominator (accumulation)
+    tagged = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), average="tagged")
+    assert tagged.item() == pytest.approx((1.516584 + 0.052117) / 2, abs=1e-5)
+    share = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), average="tagged", count=torch.tensor(5.0))
+    assert share.item() == pytest.approx((1.516584 + 0.052117) / 5, abs=1e-5)
 
 
 def test_tag_loss_balanced_hand_computed():
@@ -88,10 +94,11 @@ def test_tag_loss_balanced_hand_computed():
 
 
 def test_tag_loss_without_any_tags_is_zero_not_nan():
-    z = torch.randn(3, 2, requires_grad=True)
-    loss = tagalign.tag_loss(z, C_TAGS, torch.zeros(3, 3), torch.tensor(10.0))
-    loss.backward()
-    assert loss.item() == 0 and torch.isfinite(z.grad).all()
+    for average in ("batch", "tagged"):
+        z = torch.randn(3, 2, requires_grad=True)
+        loss = tagalign.tag_loss(z, C_TAGS, torch.zeros(3, 3), torch.tensor(10.0), average=average)
+        loss.backward()
+        assert loss.item() == 0 and torch.isfinite(z.grad).all()
 
 
 def test_contrastive_loss_hand_computed():
@@ -258,6 +265,26 @@ def test_rules_and_background():
     assert v1.tolist() == pytest.approx([0.7 * sig(1) + 0.3 * sig(0), 0.7 * sig(0) + 0.3 * sig(1)], abs=1e-6)
 
 
+def test_rule_weights_hand_computed():
+    """a = 0.2 and f_main != f_clip, so a blend with a and 1 - a swapped (or v1's 0.7 / 0.3 swapped) fails."""
+    t = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # two classes
+    f_main = 3 * torch.tensor([0.1, 0.0, math.sqrt(0.99)]).view(1, 1, 1, 3)  # cos = (0.1, 0); not unit length
+    f_clip = torch.tensor([0.0, 0.05, math.sqrt(0.9975)]).view(1, 1, 1, 3)  # cos = (0, 0.05)
+    # softmax(30 cos_main) = softmax(3, 0) = (e^3, 1) / (e^3 + 1) = (0.952574, 0.047426)
+    # softmax(30 cos_clip) = softmax(0, 1.5) = (1, e^1.5) / (1 + e^1.5) = (0.182426, 0.817574)
+    # v3, a = 0.2: 0.8 * (0.952574, 0.047426) + 0.2 * (0.182426, 0.817574) = (0.798544, 0.201456)
+    v3 = tagalign.window_scores(f_main, f_clip, t, "v3", clip_weight=0.2)
+    assert v3.shape == (1, 2, 1, 1) and v3.flatten().tolist() == pytest.approx([0.798544, 0.201456], abs=1e-6)
+    # v1: 0.7 sigmoid(10 cos_main - 2.5) + 0.3 sigmoid(10 cos_clip - 2.5), sigmoid(-1.5) = 0.182426,
+    # sigmoid(-2.5) = 0.075858, sigmoid(-2) = 0.119203:
+    # class 0: 0.7 * 0.182426 + 0.3 * 0.075858 = 0.150455; class 1: 0.7 * 0.075858 + 0.3 * 0.119203 = 0.088862
+    v1 = tagalign.window_scores(f_main, f_clip, t, "v1")
+    assert v1.flatten().tolist() == pytest.approx([0.150455, 0.088862], abs=1e-6)
+    # cosine (heatmaps), a = 0.2: 0.8 * (0.1, 0) + 0.2 * (0, 0.05) = (0.08, 0.01)
+    cos = tagalign.window_scores(f_main, f_clip, t, "cosine", clip_weight=0.2)
+    assert cos.flatten().tolist() == pytest.approx([0.08, 0.01], abs=1e-6)
+
+
 def pamr_transcribed(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
     """SPEC section 7's PAMR, pixel by pixel (image (3, H, W), masks (C, H, W) already at image size)."""
     _, H, W = image.shape
@@ -296,6 +323,43 @@ def test_pamr_matches_transcription():
     small = torch.rand(1, 2, 3, 4)  # masks are first resized bilinearly with align_corners=True
     up = F.interpolate(small, size=(7, 9), mode="bilinear", align_corners=True)
     assert torch.allclose(tagalign.pamr(image, small, iterations=1), tagalign.pamr(image, up, iterations=1))
+
+
+def pamr_vectorised_reference(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
+    """A transcription of the former all-neighbours-at-once PAMR: the 48 neighbours stacked into
+    (B, c, 48, H, W) tensors (9 GB for 171 classes at 448 x 597). The reference for the memory-bounded one."""
+    B, _, H, W = image.shape
+    masks = F.interpolate(masks.float(), size=(H, W), mode="bilinear", align_corners=True)
+
+    def stack(x):  # (B, c, H, W) -> (B, c, 48, H, W)
+        out = []
+        for d in dilations:
+            p = F.pad(x, (d, d, d, d), mode="replicate")
+            out += [p[:, :, d + dy:d + dy + H, d + dx:d + dx + W] for dy in (-d, 0, d) for dx in (-d, 0, d)
+                    if (dy, dx) != (0, 0)]
+        return torch.stack(out, 2)
+
+    nbr = stack(image)
+    n = 9 * len(dilations)
+    s1 = nbr.sum(2) + len(dilations) * image
+    s2 = nbr.pow(2).sum(2) + len(dilations) * image.pow(2)
+    sigma = ((s2 - s1.pow(2) / n) / (n - 1)).clamp(min=0).sqrt()
+    aff = (-(nbr - image.unsqueeze(2)).abs() / (1e-8 + 0.1 * sigma.unsqueeze(2))).mean(1).softmax(1)  # (B, 48, H, W)
+    for _ in range(iterations):
+        masks = (stack(masks) * aff.unsqueeze(1)).sum(2)
+    return masks
+
+
+def test_pamr_equals_the_vectorised_formula_on_many_classes():
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(2, 3, 41, 67, generator=g)  # non-square, taller than the largest dilation (24)
+    image[:, :, 20:, 30:] += 1.5
+    masks = torch.rand(2, 37, 11, 17, generator=g)  # 37 classes, resized to 41 x 67 inside
+    ours = tagalign.pamr(image, masks)
+    ref = pamr_vectorised_reference(image.double(), masks.double())
+    assert ours.shape == (2, 37, 41, 67) and ours.dtype == torch.float32
+    assert torch.allclose(ours.double(), ref, atol=2e-5, rtol=0)  # float32 sums in another order: ~5e-6
+    assert (ref - F.interpolate(masks.double(), size=(41, 67), mode="bilinear", align_corners=True)).abs().max() > 0.05
 
 
 # ---------------------------------------------------------------------------------------------- baselines
@@ -383,7 +447,30 @@ def test_command_line_writes_overlay_and_heatmaps(tmp_path, tiny_state_dict, tin
         assert all(Image.open(out / f).size == (90, 70) for f in files)
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tagalign.py"), "--image", str(tmp_path / "missing.jpg"),
                           "--queries", "cat", "--checkpoint", str(tmp_path / "ckpt.pt")], capture_output=True, text=True)
-    assert run.returncode != 0 and "error:" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("error: ") and "missing.jpg" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_command_line_checks_inputs_before_loading_clip(tmp_path, monkeypatch):
+    """A missing or unreadable image, a missing checkpoint or CLIP file and bad flag values give a one-line
+    'error:' naming the problem, and CLIP is never loaded (offline, a download would be the first failure)."""
+    monkeypatch.setattr(clip_model, "load", lambda *a, **k: pytest.fail("CLIP loaded before the inputs were checked"))
+    from PIL import Image
+    Image.new("RGB", (20, 10)).save(tmp_path / "photo.png")
+    (tmp_path / "text.jpg").write_text("not an image")
+    image = ["--image", str(tmp_path / "photo.png"), "--queries", "cat"]
+    cases = [(["--image", str(tmp_path / "missing.jpg"), "--queries", "cat"], "missing.jpg"),
+             (["--image", str(tmp_path / "text.jpg"), "--queries", "cat"], "text.jpg"),
+             (image + ["--checkpoint", str(tmp_path / "nope.pt")], "nope.pt"),
+             (image + ["--clip", str(tmp_path / "clip-nope.pt")], "clip-nope.pt"),
+             (image + ["--stride", "-1"], "--stride"),
+             (image + ["--window", "0"], "--window"),
+             (["--image", str(tmp_path / "photo.png"), "--queries", " , "], "--queries")]
+    for argv, what in cases:
+        with pytest.raises(SystemExit) as e:
+            tagalign.main(argv + ["--device", "cpu"])
+        message = str(e.value.code)
+        assert message.startswith("error: ") and what in message and "\n" not in message, (argv, message)
 
 
 def test_windows_are_padded_to_the_backbone_patch_size():
