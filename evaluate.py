@@ -247,7 +247,7 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
             pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
         cm += confusion(pred, gt, C, ignore)
         if save_dir and i < args.save_predictions:
-            save_prediction(save_dir, name, img_path, pred, gt, C, ignore)
+            save_prediction(save_dir, name, img_path, img, pred, gt, classes, ignore, bg is not None)
     bad_values = gather_dicts(bad_values)
     if rank == 0:
         for path, values in sorted(bad_values.items()):
@@ -260,14 +260,26 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
             "labels_without_image": no_image, "bad_label_values": bad_values}
 
 
-def save_prediction(folder, name, img_path, pred, gt, C, ignore):
+def save_prediction(folder, name, img_path, img, pred, gt, classes, ignore, has_background):
+    """One panel per image: photo | ground truth | prediction, the legend listing the classes present in either
+    (ignored pixels white), per-image pixel accuracy in the title. Written to folder/name/<stem>.png."""
     from PIL import Image
-    colours = tagalign.palette(max(C, 2) + 1)[1:]
-    gt_vis = torch.where(gt == ignore, 0, gt).clamp(max=C - 1)
-    both = torch.cat([colours[pred], colours[gt_vis]], dim=1)  # prediction | ground truth
-    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    import figures
+    colours = figures.label_colours(len(classes), background=has_background)
+    photo = figures.fit(figures.upscale(img.resize(gt.shape[::-1], Image.BILINEAR), 256), 512)
+    size = photo.size
+    truth = figures.label_map(gt, colours, ignore).resize(size, Image.NEAREST)
+    predicted = figures.label_map(pred, colours).resize(size, Image.NEAREST)
+    valid = gt != ignore
+    accuracy = (pred[valid] == gt[valid]).float().mean().item() if valid.any() else float("nan")
+    present = sorted(set(gt[valid].unique().tolist()) | set(pred.unique().tolist()))
+    entries = [(classes[c].strip() or repr(classes[c]), colours[c].tolist()) for c in present if c < len(classes)]
+    key = figures.legend(entries + ([("ignored", figures.WHITE)] if (~valid).any() else []))
+    panel = figures.row([figures.titled(photo, "photo"), figures.titled(truth, "ground truth"),
+                         figures.titled(predicted, f"prediction (pixel accuracy {accuracy:.0%})"), key])
     stem = os.path.splitext(os.path.basename(img_path))[0]
-    Image.fromarray(both.numpy()).save(os.path.join(folder, name, f"{stem}.png"))
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    figures.titled(panel, f"{name}: {stem}", size=15, below=False).save(os.path.join(folder, name, f"{stem}.png"))
 
 
 # ---- RefCOCO: COCO masks without pycocotools

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip_model
+import figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE_FILES = {"tcl9": "templates_tcl9.txt", "clip80": "templates_clip80.txt"}
@@ -577,19 +578,37 @@ def segment(features, image, text_emb, rule="v3", clip_weight=0.5, bg_threshold=
 # ----------------------------------------------------------------------------------------------------------
 # Command line: overlay + heatmaps for one image
 
-def colormap(x):
-    """Values in [0, 1], (H, W) -> (H, W, 3) uint8 with a blue-cyan-yellow-red ramp (jet-like)."""
-    r = (1.5 - (4 * x - 3).abs()).clamp(0, 1)
-    g = (1.5 - (4 * x - 2).abs()).clamp(0, 1)
-    b = (1.5 - (4 * x - 1).abs()).clamp(0, 1)
-    return (torch.stack([r, g, b], -1) * 255).byte()
+def query_shares(scores, has_background=False):
+    """What decides a pixel's label, per query: scores (C[+1], H, W) from segment() (rule v3's probabilities, or
+    v1's sigmoids; row 0 the constant background score when a threshold was given) -> (Q, H, W), each query's
+    share of the rule's total at every pixel (background included), in [0, 1] on a fixed scale. Unlike a raw
+    cosine map, min-max scaled per query, it does not show what every query has in common."""
+    shares = scores / scores.sum(0, keepdim=True).clamp(min=1e-12)
+    return shares[1:] if has_background else shares
 
 
-def palette(n):
-    g = torch.Generator().manual_seed(3)
-    colours = torch.randint(40, 256, (n, 3), generator=g, dtype=torch.uint8)
-    colours[0] = 0
-    return colours
+def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.0, 1.0), what="share",
+                   min_side=256):
+    """One picture for one image: photo | overlay with a legend (query -> colour) | a heatmap per query with its
+    name (and pixel share of the label map) under it | the colour bar of the fixed scale. image: PIL; labels:
+    (H, W) label ids (0 = background when has_background); maps: (Q, H, W) values drawn on `scale`."""
+    from PIL import Image
+    photo = figures.upscale(image.convert("RGB"), min_side)
+    colours = figures.label_colours(len(queries) + has_background, background=has_background)
+    names = (["background"] if has_background else []) + list(queries)
+    overlay = figures.blend(photo, figures.label_map(labels, colours).resize(photo.size, Image.NEAREST), 0.55)
+    offset = 1 if has_background else 0
+    tiles = [figures.titled(photo, "photo"), figures.titled(overlay, "labels (argmax)")]
+    lo, hi = scale
+    for i, q in enumerate(queries):
+        values = ((maps[i].float().cpu() - lo) / max(hi - lo, 1e-12))
+        heat = figures.to_image(figures.colormap(values)).resize(photo.size, Image.BILINEAR)
+        pixels = (labels == i + offset).float().mean().item()
+        tiles.append(figures.titled(figures.blend(photo, heat, 0.7), f"{q} ({pixels:.0%} of pixels)"))
+    bar = figures.colour_bar(photo.height, label=what, lo=lo, hi=hi)
+    key = figures.legend(list(zip(names, colours.tolist())))
+    columns = min(len(tiles), 4)
+    return figures.row([figures.grid(tiles, columns), figures.column([bar, key])])
 
 
 def main(argv=None):
@@ -612,6 +631,9 @@ def main(argv=None):
     parser.add_argument("--stride", type=int, default=224, help="sliding window stride")
     parser.add_argument("--short-side", type=int, default=448, help="resize the short side to this before windows")
     parser.add_argument("--pamr", action="store_true", help="refine the maps with PAMR")
+    parser.add_argument("--heatmap", default="share", choices=["share", "cosine"],
+                        help="share: each query's share of the rule's probability (fixed 0-1 scale); cosine: the "
+                             "raw blended cosine similarity, on one scale shared by all queries")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args(argv)
 
@@ -639,22 +661,21 @@ def main(argv=None):
                              use_pamr=args.pamr, **kw)
     _, cosine = segment(features, img, text_emb, rule="cosine", **kw)
 
+    has_bg = args.bg_threshold is not None
+    if args.heatmap == "share":
+        maps, scale = query_shares(scores, has_bg), (0.0, 1.0)
+    else:
+        _, maps = segment(features, img, text_emb, rule="cosine", **kw)
+        scale = (maps.min().item(), maps.max().item())  # one scale for all queries, written on the colour bar
     os.makedirs(args.out_dir, exist_ok=True)
-    photo = to_tensor_image(img)[0].permute(1, 2, 0)  # (H, W, 3) in [0, 1]
-    offset = 0 if args.bg_threshold is None else 1
-    colours = palette(len(queries) + 1)[1:] if offset == 0 else palette(len(queries) + 1)
-    overlay = (0.5 * photo * 255 + 0.5 * colours[labels.cpu()].float()).byte()
-    Image.fromarray(overlay.numpy()).save(os.path.join(args.out_dir, "overlay.png"))
-    print(f"{'query':30s} {'pixels':>8s} {'cos min':>8s} {'cos max':>8s}")
+    path = os.path.join(args.out_dir, "figure.png")
+    heatmap_figure(img, queries, labels.cpu(), maps.cpu(), has_bg, scale, args.heatmap).save(path)
+    offset = 1 if has_bg else 0
+    print(f"{'query':30s} {'pixels':>8s} {args.heatmap + ' mean':>11s} {args.heatmap + ' max':>10s}")
     for i, q in enumerate(queries):
-        c = cosine[i].cpu()
-        heat = colormap((c - c.min()) / (c.max() - c.min()).clamp(min=1e-8))
-        blend = (0.4 * photo * 255 + 0.6 * heat.float()).byte()
-        name = "".join(ch if ch.isalnum() else "_" for ch in q)[:60]
-        Image.fromarray(blend.numpy()).save(os.path.join(args.out_dir, f"heatmap_{i:02d}_{name}.png"))
         share = (labels == i + offset).float().mean().item()
-        print(f"{q:30s} {share:8.1%} {c.min().item():8.3f} {c.max().item():8.3f}")
-    print(f"wrote {args.out_dir}/overlay.png and {len(queries)} heatmaps")
+        print(f"{q:30s} {share:8.1%} {maps[i].mean().item():11.3f} {maps[i].max().item():10.3f}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -592,3 +592,30 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.startswith("error: --data-root ") and "nonexistent" in run.stderr, run.stderr
     assert run.stderr.count("\n") == 1, run.stderr
+
+
+def test_saved_prediction_panel_shows_photo_truth_prediction_and_legend(tmp_path):
+    """--save-predictions: one panel per image with the photo, the truth and the prediction in the legend's
+    colours (ignored pixels white), on the perfect predictor, so truth and prediction tiles are identical."""
+    from PIL import Image
+    import figures
+    to_prompt = build_fixture(tmp_path, "voc")
+    args = args_for(tmp_path, save_predictions=2)
+    evaluate.evaluate_dataset("voc", calibrated("voc", to_prompt), embed_identity, args, save_dir=str(tmp_path / "pred"))
+    panels = sorted(os.listdir(tmp_path / "pred" / "voc"))
+    assert len(panels) == 2
+    stem = panels[0][:-4]
+    label = evaluate.pil_to_long(Image.open(tmp_path / f"VOCdevkit/VOC2012/SegmentationClass/{stem}.png"))
+    panel = Image.open(tmp_path / "pred" / "voc" / panels[0]).convert("RGB")
+    colours = figures.label_colours(21, background=True)
+    present = {tuple(colours[c].tolist()) for c in label[label != 255].unique().tolist()}
+    seen = {c for _, c in panel.getcolors(1 << 20)}
+    assert present <= seen  # every class of the image is drawn in its legend colour
+    w, h = figures.fit(figures.upscale(Image.new("RGB", label.shape[::-1]), 256), 512).size
+    top = 15 + 4 + 4  # the panel's one-line title
+    truth = panel.crop((w + 8, top, 2 * w + 8, top + h))
+    prediction = panel.crop((2 * (w + 8), top, 3 * w + 16, top + h))
+    t, p = (torch.frombuffer(bytearray(i.tobytes()), dtype=torch.uint8).view(-1, 3) for i in (truth, prediction))
+    scored = (t != 255).any(1)  # white: ignored in the truth (the prediction is drawn there too)
+    assert scored.float().mean() > 0.5 and torch.equal(t[scored], p[scored])  # the perfect predictor
+    assert {c for _, c in truth.getcolors(1 << 20)} == present | ({figures.WHITE} if (label == 255).any() else set())

@@ -442,9 +442,11 @@ def test_command_line_writes_overlay_and_heatmaps(tmp_path, tiny_state_dict, tin
                               "--window", "64", "--stride", "32", "--bg-threshold", "0.2", *extra],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr
-        files = sorted(os.listdir(out))
-        assert files == ["heatmap_00_brown_cat.png", "heatmap_01_dog.png", "heatmap_02_red_thing.png", "overlay.png"]
-        assert all(Image.open(out / f).size == (90, 70) for f in files)
+        assert sorted(os.listdir(out)) == ["figure.png"]  # one figure, not loose tiles
+        fig = Image.open(out / "figure.png")
+        # photo, overlay and 3 heatmaps upscaled to a 256 short side (90x70 -> 329x256), 4 per row, plus the bar
+        assert fig.width > 4 * 329 and fig.height > 2 * 256, fig.size
+        assert "brown cat" in run.stdout and "share mean" in run.stdout
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tagalign.py"), "--image", str(tmp_path / "missing.jpg"),
                           "--queries", "cat", "--checkpoint", str(tmp_path / "ckpt.pt")], capture_output=True, text=True)
     assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
@@ -483,3 +485,30 @@ def test_windows_are_padded_to_the_backbone_patch_size():
     text = F.normalize(torch.randn(2, 64), dim=-1)
     labels, scores = tagalign.segment(features, torch.rand(3, 50, 75), text, window=50, stride=25, short_side=50)
     assert labels.shape == (50, 75) and torch.isfinite(scores).all()
+
+
+def test_query_shares_hand_computed():
+    # one pixel: background threshold 0.5 (row 0), rule-v3 probabilities 0.7 and 0.3 of two queries
+    scores = torch.tensor([0.5, 0.7, 0.3]).view(3, 1, 1)
+    assert tagalign.query_shares(scores, has_background=True).flatten().tolist() == pytest.approx([0.7 / 1.5, 0.3 / 1.5])
+    # v1's sigmoids do not sum to 1: the share normalises them; no background row
+    scores = torch.tensor([0.9, 0.6, 0.3]).view(3, 1, 1)
+    assert tagalign.query_shares(scores).flatten().tolist() == pytest.approx([0.5, 1 / 3, 1 / 6])
+
+
+def test_heatmap_figure_draws_each_query_on_the_fixed_scale():
+    """A 2-query map where query 0's share is 1 on the left half and 0 on the right: its tile is red (the top of
+    the colour ramp) on the left and blue on the right; query 1's the reverse."""
+    from PIL import Image
+    photo = Image.new("RGB", (256, 256), (128, 128, 128))
+    maps = torch.zeros(2, 256, 256)
+    maps[0, :, :128] = 1
+    maps[1] = 1 - maps[0]
+    labels = (maps[1] > 0.5).long()
+    fig = tagalign.heatmap_figure(photo, ["left", "right"], labels, maps).convert("RGB")
+    tile_x = 2 * (256 + 8)  # photo, overlay, then the heatmaps in reading order
+    left, right = fig.getpixel((tile_x + 40, 100)), fig.getpixel((tile_x + 216, 100))
+    # the ramp's ends, 0.7 over the grey photo: share 1 -> (127, 38, 38), share 0 -> (38, 38, 127)
+    assert left == (127, 38, 38) and right == (38, 38, 127), (left, right)
+    left, right = fig.getpixel((tile_x + 264 + 40, 100)), fig.getpixel((tile_x + 264 + 216, 100))
+    assert left == (38, 38, 127) and right == (127, 38, 38), (left, right)
