@@ -163,7 +163,9 @@ def load_checkpoint(path, clip=None, device="cpu"):
         raise RuntimeError(f"could not read TagAlign checkpoint {path} ({type(e).__name__}); is it corrupt?") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a TagAlign checkpoint (expected keys 'model' and 'config')")
-    clip = clip if clip is not None else clip_model.load(ckpt["clip"])
+    if clip is None:
+        fetch_clip_once(ckpt["clip"])
+        clip = clip_model.load(ckpt["clip"])
     model = TagAlign(clip, TagAlignConfig(**ckpt["config"]))
     model.load_trainable_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -184,10 +186,12 @@ def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu"):
     surgery_layers (default min(6, the CLIP's blocks)). clip: a CLIP path or name (default: the checkpoint's,
     else ViT-B/16)."""
     check_model_files(checkpoint, clip)  # before a CLIP is loaded or downloaded
-    clip = clip_model.load(clip, device=device) if clip else None
+    if clip or not checkpoint:
+        clip = clip or "ViT-B/16"
+        fetch_clip_once(clip)  # under torchrun: one download per node
+        clip = clip_model.load(clip, device=device)
     if checkpoint:
         return load_checkpoint(checkpoint, clip, device)
-    clip = clip or clip_model.load("ViT-B/16", device=device)
     layers = surgery_layers if surgery_layers is not None else min(6, clip.cfg.vision_layers)
     return TagAlign(clip, TagAlignConfig(surgery_layers=layers)).to(device).eval()
 

@@ -512,3 +512,27 @@ def test_heatmap_figure_draws_each_query_on_the_fixed_scale():
     assert left == (127, 38, 38) and right == (38, 38, 127), (left, right)
     left, right = fig.getpixel((tile_x + 264 + 40, 100)), fig.getpixel((tile_x + 264 + 216, 100))
     assert left == (38, 38, 127) and right == (127, 38, 38), (left, right)
+
+
+def _fetch_worker(rank, world, init_file, log_dir):
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    log = os.path.join(log_dir, "events.txt")
+
+    def fake_download(name):  # the real one fetches 335 MB; this one records who fetched and when it finished
+        import time
+        time.sleep(1.0)
+        with open(log, "a") as f:
+            f.write(f"download {name} by {rank}\n")
+    clip_model.download = fake_download
+    tagalign.fetch_clip_once("ViT-B/16")
+    with open(log, "a") as f:
+        f.write(f"loaded by {rank}\n")
+    tagalign.fetch_clip_once("/a/local/file.pt")  # a path: nothing to fetch
+    dist.destroy_process_group()
+
+
+def test_clip_is_fetched_once_per_node_before_any_rank_loads_it(tmp_path):
+    mp.spawn(_fetch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    events = (tmp_path / "events.txt").read_text().splitlines()
+    assert events[0] == "download ViT-B/16 by 0" and sorted(events[1:]) == ["loaded by 0", "loaded by 1"], events
