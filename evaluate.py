@@ -494,6 +494,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/eval", help="folder for results.json and prediction PNGs")
     p.add_argument("--save-predictions", type=int, default=0, help="write PNGs (prediction | truth) of the first N images")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
+    p.add_argument("--check", action="store_true", help="check the prepared datasets (counts, label values, "
+                   "missing files) without a model, then exit; status 1 when something is wrong")
     return p.parse_args(argv)
 
 
@@ -537,8 +539,77 @@ def check_inputs(args, names):
                                     f"({spec['img']}/*{spec['img_suffix']} with {spec['ann']}/*{spec['seg_suffix']})")
 
 
+# ---- --check: the prepared data alone, no model
+
+# Validation images per dataset (SPEC section 7).
+EXPECTED_COUNTS = {"voc": 1449, "voc20": 1449, "context": 5105, "context59": 5105, "coco_object": 5000,
+                   "coco_stuff": 5000, "cityscapes": 500, "ade": 2000, "imagenet_s50": 752, "imagenet_s300": 4097}
+
+
+def check_data(names, root, progress=True, listed=20):
+    """Check prepared datasets without a model: the image/label pairs found against SPEC's count, images without
+    a label and labels without an image, each label's mode, size (that of its image) and values (inside the
+    dataset's class range or its ignore id, after mmseg's reduce_zero_label). Prints one line per dataset, then
+    every problem (at most `listed` files per kind and dataset); returns the list of problems."""
+    from PIL import Image
+    from tqdm import tqdm
+    problems = []
+    for name in names:
+        found = []
+        try:
+            if name in REFER:
+                refer_paths(name, root)
+                print(f"{name:14s} OK     files present (expressions are not checked)")
+                continue
+            spec, classes = DATASETS[name], dataset_classes(name, root)
+            pairs, no_label, no_image = find_pairs(spec, root)
+        except FileNotFoundError as e:
+            print(f"{name:14s} FAIL   not found")
+            problems.append(f"{name}: {e}")
+            continue
+        expected = EXPECTED_COUNTS.get(name)
+        if expected is not None and len(pairs) != expected:
+            found.append(f"{len(pairs)} image/label pairs, SPEC expects {expected:,}")
+        found += [f"image without label: {s}" for s in no_label[:listed]]
+        found += [f"label without image: {s}" for s in no_image[:listed]]
+        for kind, rest in (("images without label", no_label[listed:]), ("labels without image", no_image[listed:])):
+            if rest:
+                found.append(f"... and {len(rest)} more {kind}")
+        bad_files = []
+        for img_path, ann_path in tqdm(pairs, desc=f"check {name}", disable=not progress, leave=False):
+            try:
+                label, bad = load_label(ann_path, spec, len(classes))
+                size = Image.open(img_path).size  # reads the header only
+            except (OSError, ValueError) as e:
+                bad_files.append(f"{ann_path}: unreadable ({e})")
+                continue
+            if bad:
+                bad_files.append(f"{ann_path}: values {bad} outside 0..{len(classes) - 1}"
+                                 + (" after reduce_zero_label (raw value - 1)" if spec.get("reduce_zero") else ""))
+            if (label.shape[1], label.shape[0]) != size:
+                bad_files.append(f"{ann_path}: {label.shape[1]}x{label.shape[0]}, its image is {size[0]}x{size[1]}")
+        found += bad_files[:listed] + ([f"... and {len(bad_files) - listed} more bad labels"]
+                                       if len(bad_files) > listed else [])
+        count = f"{len(pairs)} pairs" + (f" (SPEC {expected:,})" if expected is not None else "")
+        values = f"labels 0..{len(classes) - 1}, ignore {spec.get('ignore', 255)}"
+        print(f"{name:14s} {'FAIL' if found else 'OK':6s} {count}; {values}"
+              + (f"; {len(found)} problem(s)" if found else ""))
+        problems += [f"{name}: {p}" for p in found]
+    if problems:
+        print("\nWhat is wrong:")
+        for p in problems:
+            print(f"  {p}")
+    return problems
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.check:  # data only: no checkpoint, no CLIP, no process group
+        try:
+            names = requested_datasets(args)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        sys.exit(1 if check_data(names, args.data_root, args.progress) else 0)
     try:  # bad input fails here, in a second, on every rank alike (no rank waits in a collective for another)
         names = requested_datasets(args)
         check_inputs(args, names)

@@ -619,3 +619,48 @@ def test_saved_prediction_panel_shows_photo_truth_prediction_and_legend(tmp_path
     scored = (t != 255).any(1)  # white: ignored in the truth (the prediction is drawn there too)
     assert scored.float().mean() > 0.5 and torch.equal(t[scored], p[scored])  # the perfect predictor
     assert {c for _, c in truth.getcolors(1 << 20)} == present | ({figures.WHITE} if (label == 255).any() else set())
+
+
+# ---------------------------------------------------------------------------------------------- --check
+
+def run_check(root, datasets, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--check", "--datasets", datasets, "--data-root", str(root), "--no-progress"])
+    return e.value.code, capsys.readouterr().out
+
+
+def test_check_passes_on_complete_data(tmp_path, capsys, monkeypatch):
+    build_fixture(tmp_path, "voc")
+    build_fixture(tmp_path, "cityscapes")
+    monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "voc", 3)
+    monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "cityscapes", 3)
+    code, out = run_check(tmp_path, "voc,cityscapes", capsys)
+    assert code == 0, out
+    assert out.splitlines() == ["voc            OK     3 pairs (SPEC 3); labels 0..20, ignore 255",
+                                "cityscapes     OK     3 pairs (SPEC 3); labels 0..18, ignore 255"]
+
+
+def test_check_catches_wrong_count_bad_value_and_missing_label(tmp_path, capsys, monkeypatch):
+    build_fixture(tmp_path, "voc")
+    build_fixture(tmp_path, "cityscapes")
+    build_fixture(tmp_path, "imagenet_s50", n_images=2)
+    monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "cityscapes", 3)
+    monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "imagenet_s50", 2)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    os.remove(voc / "SegmentationClass" / "2007_000001.png")  # a missing label
+    city = tmp_path / "cityscapes" / "gtFine" / "val" / "frankfurt" / "frankfurt_000002_000019_gtFine_labelTrainIds.png"
+    save_label(str(city), torch.full((448, 448), 19), "L")  # trainId 19 does not exist
+    ins = tmp_path / "ImageNetS" / "ImageNetS50" / "validation-segmentation" / "n01443537" / "ILSVRC2012_val_00000001.png"
+    save_label(str(ins), torch.full((448, 448), 51), "rgb")  # class 51 of 0..50
+    code, out = run_check(tmp_path, "voc,cityscapes,imagenet_s50,ade", capsys)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith("voc            FAIL   2 pairs (SPEC 1,449)")  # the real count, and one label gone
+    assert lines[1].startswith("cityscapes     FAIL   3 pairs (SPEC 3)")
+    assert lines[2].startswith("imagenet_s50   FAIL   2 pairs (SPEC 2)")
+    assert lines[3] == "ade            FAIL   not found"
+    assert "  voc: 2 image/label pairs, SPEC expects 1,449" in lines
+    assert "  voc: image without label: 2007_000001" in lines
+    assert f"  cityscapes: {city}: values [19] outside 0..18" in lines
+    assert f"  imagenet_s50: {ins}: values [51] outside 0..50" in lines
+    assert any(line.startswith("  ade: ") and "not found" in line for line in lines)
