@@ -90,7 +90,10 @@ def context_fixture(tmp_path, extra=()):
             annotation(2, 2008000002, 9, compressed(rect(4, 6, 0, 3, 0, 5))),            # bag, another image
             annotation(3, 2008000001, 458, {"size": [4, 6],                              # wood, later: on top
                                             "counts": uncompressed_rle(rect(4, 6, 1, 3, 2, 5))}),
-            annotation(4, 2008000004, 2, compressed(rect(4, 6, 0, 3, 0, 5)))] + list(extra)
+            annotation(4, 2008000004, 2, compressed(rect(4, 6, 0, 3, 0, 5))),
+            # bag: last in the file, but a lower id and a lower category than the wood it covers, so only
+            # "file order, later over earlier" paints it on top (not sorting by annotation id or by category)
+            annotation(0, 2008000001, 9, compressed(rect(4, 6, 2, 3, 3, 4)))] + list(extra)
     detail_json(str(root / "trainval_merged.json"), images, anns)
     return root
 
@@ -99,11 +102,11 @@ def test_context_labels_from_a_detail_json(tmp_path):
     root = context_fixture(tmp_path)
     run(tmp_path, "--datasets", "context")
     out = root / "SegmentationClassContext"
-    # Detail 2 aeroplane -> 1, 458 wood -> 59 painted over it, 0 where nothing is annotated
+    # Detail 2 aeroplane -> 1, 458 wood -> 59 painted over it, then 9 bag -> 2 over the wood (file order)
     assert read_png(out / "2008_000001.png") == [[1, 1, 1, 1, 0, 0],
                                                  [1, 1, 59, 59, 59, 59],
-                                                 [1, 1, 59, 59, 59, 59],
-                                                 [0, 0, 59, 59, 59, 59]]
+                                                 [1, 1, 59, 2, 2, 59],
+                                                 [0, 0, 59, 2, 2, 59]]
     assert read_png(out / "2008_000003.png") == [[0] * 6] * 4  # a val image without annotations
     assert sorted(os.listdir(out)) == ["2008_000001.png", "2008_000003.png"]  # train only with --splits all
     assert (root / "ImageSets" / "SegmentationContext" / "val.txt").read_text() == "2008_000001\n2008_000003\n"
