@@ -116,9 +116,18 @@ def test_context_labels_from_a_detail_json(tmp_path):
     assert not (out / "2008_000004.png").exists()  # 'test' phase images are not converted
 
 
+# The Detail ids in mmseg's tools/convert_datasets/pascal_context.py (_mapping), in that file's (unsorted) order;
+# the converter sorts them and a pixel's label is the rank of its Detail id (SOURCES.md, "Auxiliary facts").
+MMSEG_CONTEXT_MAPPING = [0, 2, 259, 260, 415, 324, 9, 258, 144, 18, 19, 22, 23, 397, 25, 284, 158, 159, 416, 33, 162,
+                         420, 454, 295, 296, 427, 44, 45, 46, 308, 59, 440, 445, 31, 232, 65, 354, 424, 68, 326, 72,
+                         458, 34, 207, 80, 355, 85, 347, 220, 349, 360, 98, 187, 104, 105, 366, 189, 368, 113, 115]
+
+
 def test_context_table_is_mmsegs_sorted_ids_and_names():
+    assert len(MMSEG_CONTEXT_MAPPING) == len(set(MMSEG_CONTEXT_MAPPING)) == 60
+    assert prep.CONTEXT_DETAIL_IDS == sorted(MMSEG_CONTEXT_MAPPING)
     table = prep.context_table()
-    assert len(table) == 60 and prep.CONTEXT_DETAIL_IDS == sorted(prep.CONTEXT_DETAIL_IDS)
+    assert table == {detail_id: rank for rank, detail_id in enumerate(sorted(MMSEG_CONTEXT_MAPPING))}
     assert (table[0], table[2], table[9], table[458]) == (0, 1, 2, 59)
     names = evaluate.read_classes("context60.txt")
     assert (names[1], names[2], names[59]) == ("aeroplane", "bag", "wood")
@@ -159,6 +168,33 @@ def test_coco_stuff_and_object_from_raw_stuffthingmaps(tmp_path, mode, capsys):
     names = evaluate.read_classes("coco_stuff171.txt")
     assert (names[0], names[11], names[79], names[80], names[170]) == (
         "person", "stop sign", "toothbrush", "banner", "wood")
+
+
+# mmseg's tools/convert_datasets/coco_stuff164k.py clsID_to_trID, written as the raw id of each train id 0..170
+# (entry i is the raw id that becomes train id i); its last entry, 255 -> 255, is checked separately.
+MMSEG_COCO_RAW_OF_TRAIN_ID = [
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20,                          # 0..19
+    21, 22, 23, 24, 26, 27, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43,                # 20..39
+    45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,                # 40..59
+    66, 69, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 83, 84, 85, 86, 87, 88, 89,                # 60..79
+    91, 92, 93, 94, 95, 96, 97, 98, 99, 100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110,     # 80..99
+    111, 112, 113, 114, 115, 116, 117, 118, 119, 120, 121, 122, 123, 124, 125, 126, 127, 128, 129, 130,
+    131, 132, 133, 134, 135, 136, 137, 138, 139, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149, 150,
+    151, 152, 153, 154, 155, 156, 157, 158, 159, 160, 161, 162, 163, 164, 165, 166, 167, 168, 169, 170,
+    171, 172, 173, 174, 175, 176, 177, 178, 179, 180, 181]                                        # ..170
+
+
+def test_coco_tables_are_mmsegs_and_groupvits_in_full():
+    assert len(MMSEG_COCO_RAW_OF_TRAIN_ID) == len(set(MMSEG_COCO_RAW_OF_TRAIN_ID)) == 171
+    stuff = [255] * 256  # raw ids mmseg's table does not list -> 255 here (mmseg leaves them as they are)
+    for train_id, raw in enumerate(MMSEG_COCO_RAW_OF_TRAIN_ID):
+        stuff[raw] = train_id
+    assert stuff[255] == 255
+    assert prep.coco_stuff_table() == stuff
+    obj = [0] * 256  # GroupViT: the 80 things -> 1..80 in the same order, everything else background 0
+    for train_id, raw in enumerate(MMSEG_COCO_RAW_OF_TRAIN_ID[:80]):
+        obj[raw] = train_id + 1
+    assert prep.coco_object_table() == obj
 
 
 def test_rerun_skips_finished_files_and_overwrite_redoes_them(tmp_path, capsys):
@@ -212,6 +248,24 @@ CITY_EXPECTED = [[11, 11, 0, 0, 0, 0, 255, 255],
                  [0, 13, 13, 255, 255, 255, 255, 0],
                  [0, 0, 0, 255, 255, 255, 255, 0],
                  [0, 0, 0, 0, 0, 0, 0, 0]]
+
+
+def test_cityscapes_label_table_is_cityscapesscripts():
+    # name: (id, trainId) of every label in cityscapesScripts' helpers/labels.py (mcordts/cityscapesScripts)
+    assert prep.CITYSCAPES_LABELS == {
+        "unlabeled": (0, 255), "ego vehicle": (1, 255), "rectification border": (2, 255), "out of roi": (3, 255),
+        "static": (4, 255), "dynamic": (5, 255), "ground": (6, 255),
+        "road": (7, 0), "sidewalk": (8, 1), "parking": (9, 255), "rail track": (10, 255),
+        "building": (11, 2), "wall": (12, 3), "fence": (13, 4), "guard rail": (14, 255), "bridge": (15, 255),
+        "tunnel": (16, 255),
+        "pole": (17, 5), "polegroup": (18, 255), "traffic light": (19, 6), "traffic sign": (20, 7),
+        "vegetation": (21, 8), "terrain": (22, 9), "sky": (23, 10), "person": (24, 11), "rider": (25, 12),
+        "car": (26, 13), "truck": (27, 14), "bus": (28, 15), "caravan": (29, 255), "trailer": (30, 255),
+        "train": (31, 16), "motorcycle": (32, 17), "bicycle": (33, 18),
+        "license plate": (-1, -1)}
+    names = evaluate.read_classes("cityscapes19.txt")  # trainIds 0..18 name the 19 classes in order
+    assert {train_id: name for name, (_, train_id) in prep.CITYSCAPES_LABELS.items() if train_id not in (255, -1)} \
+        == dict(enumerate(names))
 
 
 def test_cityscapes_polygons_drawn_as_cityscapesscripts(tmp_path, capsys):
