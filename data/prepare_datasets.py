@@ -317,9 +317,16 @@ def read_detail(json_path):
         data = json.load(f)
     if not isinstance(data, dict) or "images" not in data or "annos_segmentation" not in data:
         raise ValueError(f"{json_path}: not a Detail annotation file (needs 'images' and 'annos_segmentation')")
+    if not isinstance(data["images"], list) or not isinstance(data["annos_segmentation"], list) or not all(
+            isinstance(img, dict) for img in data["images"]):
+        raise ValueError(f"{json_path}: 'images' and 'annos_segmentation' must be lists of objects")
     by_image = {}
     for ann in data["annos_segmentation"]:
-        by_image.setdefault(ann["image_id"], []).append((ann["category_id"], ann["segmentation"]))
+        try:
+            by_image.setdefault(ann["image_id"], []).append((ann["category_id"], ann["segmentation"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{json_path}: an annos_segmentation entry lacks image_id, category_id or segmentation "
+                             f"({type(e).__name__}: {e}): {str(ann)[:200]}")
     return data["images"], by_image
 
 
@@ -331,13 +338,20 @@ def prepare_context(root, splits, workers, overwrite, progress, json_path=None):
     wanted = ["val"] if splits == ["val"] else ["train", "val"]
 
     def listed(split):
+        """The stems in <split>.txt ([] when it is missing)."""
         path = os.path.join(split_dir, f"{split}.txt")
-        return [s.strip() for s in open(path) if s.strip()] if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [line.strip() for line in f if line.strip()]
 
-    # Already prepared: split files there and every listed label there. Spares parsing the large JSON.
-    if not overwrite and all(listed(s) is not None for s in wanted) and all(
-            os.path.exists(os.path.join(out_dir, stem + ".png")) for s in wanted for stem in listed(s)):
-        return f"already prepared ({', '.join(f'{s} {len(listed(s))}' for s in wanted)} labels)", []
+    # Already prepared: every split file there, none empty, and every listed label there. Spares parsing the
+    # large JSON. An empty split file never counts: it would hide a run on the wrong JSON.
+    if not overwrite:
+        stems_listed = {s: listed(s) for s in wanted}
+        if all(stems_listed.values()) and all(os.path.exists(os.path.join(out_dir, stem + ".png"))
+                                              for stems in stems_listed.values() for stem in stems):
+            return f"already prepared ({', '.join(f'{s} {len(stems_listed[s])}' for s in wanted)} labels)", []
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"{json_path} not found: download the Detail annotations trainval_merged.json "
                                 f"into {root}/ (LAYOUTS.md section 2)")
@@ -347,13 +361,23 @@ def prepare_context(root, splits, workers, overwrite, progress, json_path=None):
     for img in images:
         if img.get("phase") not in wanted:
             continue
-        stem = os.path.splitext(img["file_name"])[0]
+        try:
+            stem = os.path.splitext(img["file_name"])[0]
+            size, anns = (int(img["height"]), int(img["width"])), by_image.get(img["image_id"], [])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{json_path}: an image entry lacks a usable file_name, height, width or image_id "
+                             f"({type(e).__name__}: {e}): {str(img)[:200]}")
         stems[img["phase"]].append(stem)
         out = os.path.join(out_dir, stem + ".png")
         if os.path.exists(out) and not overwrite:
             done += 1
             continue
-        jobs.append((out, convert_context, (img["height"], img["width"], by_image.get(img["image_id"], []), out, table)))
+        jobs.append((out, convert_context, (*size, anns, out, table)))
+    empty = [s for s in wanted if not stems[s]]
+    if empty:  # an empty split would be written, then taken for a finished one by every later run
+        phases = sorted({str(img.get("phase")) for img in images if isinstance(img, dict)})
+        raise ValueError(f"{json_path}: no {' or '.join(repr(s) for s in empty)} images (phases found: "
+                         f"{', '.join(phases) or 'none'}); is this the Detail trainval_merged.json?")
     results, errors = run_jobs(jobs, workers, "context", progress)
     problems = [f"{path}: {error}" for path, error in sorted(errors.items())]
     if not errors:  # a split file is written only when all its labels are: evaluate.py never sees half a split

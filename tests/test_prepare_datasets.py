@@ -144,6 +144,45 @@ def test_context_unknown_detail_id_is_a_clear_error_and_loses_nothing(tmp_path, 
     assert not (root / "ImageSets" / "SegmentationContext" / "val.txt").exists()  # no half split file
 
 
+def test_context_split_without_images_is_an_error_not_an_empty_split(tmp_path, capsys):
+    root = tmp_path / "VOCdevkit" / "VOC2010"
+    detail_json(str(root / "trainval_merged.json"), [image("2008_000002", "train")], [])  # no 'val' image at all
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "--datasets", "context")
+    assert "problems in context" in str(e.value)
+    assert "no 'val' images" in capsys.readouterr().out
+    assert not (root / "ImageSets" / "SegmentationContext" / "val.txt").exists()
+    with pytest.raises(SystemExit):  # and a rerun still says so: nothing was taken for "already prepared"
+        run(tmp_path, "--datasets", "context")
+    assert "no 'val' images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("broken", ["annotation", "image"])
+def test_context_malformed_detail_json_is_a_clear_error(tmp_path, capsys, broken):
+    root = tmp_path / "VOCdevkit" / "VOC2010"
+    img, ann = image("2008_000001", "val"), annotation(1, 2008000001, 2, {"size": [4, 6], "counts": [24]})
+    del (ann if broken == "annotation" else img)["segmentation" if broken == "annotation" else "height"]
+    detail_json(str(root / "trainval_merged.json"), [img], [ann])
+    with pytest.raises(SystemExit) as e:  # not a KeyError traceback
+        run(tmp_path, "--datasets", "context")
+    assert "problems in context" in str(e.value)
+    out = capsys.readouterr().out
+    assert ("an annos_segmentation entry lacks" if broken == "annotation" else "an image entry lacks") in out
+    assert "'height'" in out or "'segmentation'" in out
+
+
+def test_context_empty_split_file_is_not_already_prepared(tmp_path, capsys):
+    root = context_fixture(tmp_path)
+    split = root / "ImageSets" / "SegmentationContext" / "val.txt"
+    os.makedirs(split.parent)
+    split.write_text("")  # left by an earlier run on a JSON without 'val' images
+    run(tmp_path, "--datasets", "context")
+    assert "already prepared" not in capsys.readouterr().out
+    assert split.read_text() == "2008_000001\n2008_000003\n"
+    run(tmp_path, "--datasets", "context")
+    assert "already prepared (val 2 labels)" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------- COCO
 
 # raw stuffthingmap ids: person 0, unused 11, stop sign 12, unused 90, stuff 91 and 181, 182 and 254 (no class),
