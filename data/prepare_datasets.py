@@ -24,15 +24,18 @@ What each dataset needs under --data-root, and what is written (nothing else is 
                  only copies ImageNet's val images and downloads the label PNGs, so nothing is converted here; the
                  layout is checked.
 --datasets all prepares what it finds and reports the rest as not found. Outputs that already exist are skipped,
-so a run that crashed or was interrupted can simply be repeated (each file is written to <name>.part and renamed,
-so an existing output is always complete); --overwrite redoes them. A file that cannot be converted is reported
-with its reason and the others are still written; the exit status is then 1.
+so a run that crashed or was interrupted can simply be repeated (each file is written to a temporary
+<name>.<random>.part of its own, synced to disk and renamed, so an existing output is always complete);
+--overwrite redoes them. A file that cannot be converted is reported with its reason and the others are still
+written; the exit status is then 1. So is a worker process that dies (killed for memory, say): the run stops,
+the files finished so far are kept, and a rerun goes on from there.
 """
 import argparse
 import json
 import multiprocessing
 import os
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -115,19 +118,41 @@ def context_table():
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 
+_UMASK = None
+
+
+def write_atomically(path, write):
+    """Call write(binary file) on a temporary file of its own next to `path` (mkstemp: <name>.<random>.part, so
+    two runs at once never share one), flush and fsync it, then rename it onto `path`. An existing `path` is
+    therefore always complete, even after a crash or power loss. The temporary is removed if writing fails."""
+    global _UMASK
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    if _UMASK is None:  # mkstemp creates 0600; give outputs the mode open() would
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_png(img, path):
-    """Write a PIL image atomically: to <path>.part, then rename, so an existing output is always complete."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".part"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Write a PIL image as PNG atomically (write_atomically)."""
+    write_atomically(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_text(lines, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".part", "w") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(path + ".part", path)
+    """Write lines of text atomically (write_atomically)."""
+    write_atomically(path, lambda f: f.write("".join(line + "\n" for line in lines).encode()))
 
 
 def index_image(path):

@@ -252,6 +252,25 @@ def test_rerun_skips_finished_files_and_overwrite_redoes_them(tmp_path, capsys):
     assert not [n for n in os.listdir(folder) if n.endswith(".part")]  # atomic writes leave no temporaries
 
 
+def test_outputs_use_a_temporary_of_their_own_synced_before_the_rename(tmp_path, monkeypatch):
+    from PIL import Image
+    out = tmp_path / "labels" / "a.png"
+    os.makedirs(out.parent)
+    (tmp_path / "labels" / "a.png.part").write_bytes(b"half")  # another run's file being written right now
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    prep.save_png(Image.new("L", (3, 2), 7), str(out))
+    prep.save_text(["x", "y"], str(tmp_path / "labels" / "val.txt"))
+    assert (tmp_path / "labels" / "a.png.part").read_bytes() == b"half"  # neither taken nor overwritten
+    assert read_png(out) == [[7, 7, 7], [7, 7, 7]] and (tmp_path / "labels" / "val.txt").read_text() == "x\ny\n"
+    assert len(synced) == 2  # each written file reached the disk before its rename
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # the mode open() gives, not mkstemp's 0600
+    assert sorted(os.listdir(tmp_path / "labels")) == ["a.png", "a.png.part", "val.txt"]  # no temporaries left
+
+
 def test_make_coco_object_cli_still_works(tmp_path):
     import subprocess
     folder = tmp_path / "annotations" / "val2017"
