@@ -266,7 +266,7 @@ def normalize_tags(objects, attributes, max_object_words=3):
         words = _clean_words(obj)
         while words and (words[0] in ARTICLES or words[0] in STOPWORDS):
             words = words[1:]
-        while words and words[-1] in STOPWORDS:
+        while words and (words[-1] in STOPWORDS or words[-1] in ARTICLES):
             words = words[:-1]
         while len(words) > 1 and (words[0] in MODIFIERS or words[0] in attrs) and \
                 f"{words[0]} {singularize(words[1])}" not in COMPOUNDS:
@@ -428,8 +428,8 @@ class BatchTagger:
     sequence is free, ends when all are free and next_job() has nothing, and yields (ticket, raw answer, error or None) as captions finish, in finishing order. Calling the
     object on one caption (tagger(text, strict)) is the one-at-a-time path of tag_caption."""
 
-    def __init__(self, model_path, chat_format=None, parallel=16, n_threads=None, n_gpu_layers=None,
-                 max_tokens=48, kv_unified=False, n_batch=512):
+    def __init__(self, model_path, chat_format=None, parallel=32, n_threads=None, n_gpu_layers=None,
+                 max_tokens=48, kv_unified=True, n_batch=512):
         import llama_cpp as L
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"GGUF model not found: {model_path} (pass --model PATH or --hf-repo/--hf-file)")
@@ -458,7 +458,9 @@ class BatchTagger:
         cparams.n_batch = cparams.n_ubatch = max(n_batch, parallel)
         cparams.n_seq_max = parallel
         cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
-        cparams.kv_unified = kv_unified  # a stream per sequence: faster at 32 sequences on a CPU (measured)
+        # One KV stream shared by all sequences (the prefix cells are shared, not copied): measured 2x faster here
+        # than a stream per sequence, whose copies and per-stream batch splits cost more than they save.
+        cparams.kv_unified = kv_unified
         cparams.no_perf = True
         self.n_batch = cparams.n_batch
         self.ctx = L.llama_init_from_model(self.model, cparams)
@@ -1196,9 +1198,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="llama.cpp threads (default: the cores this process may use, i.e. its CPU affinity; "
                         "pin each of several shards on one host with taskset)")
-    parser.add_argument("--parallel", type=int, default=16,
-                        help="captions decoded together (sequences in one llama.cpp batch); 16 suits a CPU, "
-                        "use 64-256 on a GPU")
+    parser.add_argument("--parallel", type=int, default=32,
+                        help="captions decoded together (sequences in one llama.cpp batch); 32 suits a CPU, "
+                        "use 128-256 on a GPU")
     parser.add_argument("--n-gpu-layers", type=int, default=None,
                         help="layers offloaded to the GPU (default: all when llama.cpp has a GPU backend, else 0)")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer length limit in tokens (then retried)")

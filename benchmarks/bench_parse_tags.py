@@ -59,7 +59,7 @@ def main():
     parser.add_argument("--chat-format", default=None, help="chat template name (default: the model's own)")
     parser.add_argument("--captions", type=int, default=60, help="number of captions (half COCO, half CC3M)")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: this process's cores)")
-    parser.add_argument("--parallel", type=int, default=16, help="sequences of the batched pipeline")
+    parser.add_argument("--parallel", type=int, default=32, help="sequences of the batched pipeline")
     parser.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all if any GPU)")
     parser.add_argument("--skip-labelled", action="store_true", help="speed only, no precision/recall")
     args = parser.parse_args()
