@@ -28,7 +28,8 @@ so a run that crashed or was interrupted can simply be repeated (each file is wr
 <name>.<random>.part of its own, synced to disk and renamed, so an existing output is always complete);
 --overwrite redoes them. A file that cannot be converted is reported with its reason and the others are still
 written; the exit status is then 1. So is a worker process that dies (killed for memory, say): the run stops,
-the files finished so far are kept, and a rerun goes on from there.
+the files finished so far are kept, and a rerun goes on from there (files the stopped workers were writing are
+left as *.part temporaries, never taken for outputs; they can be deleted).
 """
 import argparse
 import json
@@ -219,6 +220,8 @@ def context_label(height, width, annotations, table, name="image"):
     API's getMask(img) paints them (each annotation's mask set to its category_id, in annos_segmentation order,
     later over earlier; 0 where none) followed by mmseg's mapping of Detail ids to 0..59."""
     import torch
+    if _IN_WORKER:
+        torch.set_num_threads(1)
     evaluate = load_evaluate()  # our COCO RLE / polygon decoder
     detail = torch.zeros(height, width, dtype=torch.long)
     for category_id, segmentation in annotations:
@@ -243,9 +246,19 @@ def convert_context(height, width, annotations, out_path, table):
     save_png(Image.frombytes("L", (width, height), label.numpy().tobytes()), out_path)
 
 
+_IN_WORKER = False  # True in run_jobs' worker processes
+
+
+def _worker_init():
+    """Worker start-up: one thread per process (the workers are the parallelism; torch's own thread pool in each
+    of them would only oversubscribe the cores)."""
+    global _IN_WORKER
+    _IN_WORKER = True
+
+
 def _run_one(job):
-    """Pool entry point: (key, function, args) -> (key, result, error text or None). Errors are returned, not
-    raised, so that one bad file neither stops the other workers nor loses their outputs."""
+    """(key, function, args) -> (key, result, error text or None). Errors are returned, not raised, so that one
+    bad file neither stops the other workers nor loses their outputs."""
     key, fn, args = job
     try:
         return key, fn(*args), None
@@ -253,31 +266,64 @@ def _run_one(job):
         return key, None, f"{type(e).__name__}: {e}"
 
 
+def _run_chunk(chunk):
+    """Worker entry point: a list of jobs -> their outcomes (_run_one)."""
+    return [_run_one(job) for job in chunk]
+
+
 def run_jobs(jobs, workers, desc, progress):
-    """Run (key, function, args) jobs in `workers` processes (1: in this process) with a progress bar.
-    Returns {key: result} and {key: error}."""
+    """Run (key, function, args) jobs in `workers` spawned processes (1: in this process) with a progress bar.
+    Returns ({key: result}, {key: error}, stopped): `stopped` is None, or why the run stopped early (a worker
+    process died, e.g. killed for memory: concurrent.futures then fails every pending job with BrokenProcessPool
+    instead of waiting forever, as multiprocessing.Pool does); jobs not done then are in neither dict, and every
+    output written before stays (each is complete: write_atomically)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
     from tqdm import tqdm
-    results, errors = {}, {}
+    results, errors, stopped = {}, {}, None
     bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not jobs, unit="file")
-    if workers <= 1 or len(jobs) <= 1:
-        outcomes = map(_run_one, jobs)
-        pool = None
-    else:  # spawn, not fork: no inherited torch/OpenMP thread state in the workers
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
-        outcomes = pool.imap_unordered(_run_one, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers))))
-    try:
+
+    def record(outcomes):
         for key, result, error in outcomes:
             if error is None:
                 results[key] = result
             else:
                 errors[key] = error
-            bar.update()
+        bar.update(len(outcomes))
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                record([_run_one(job)])
+            return results, errors, stopped
+        workers = min(workers, len(jobs))
+        size = max(1, min(64, len(jobs) // (4 * workers)))  # a few chunks per worker: balance, little IPC
+        chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+        # spawn, not fork: no inherited torch/OpenMP thread state in the workers
+        executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init)
+        try:
+            futures = {executor.submit(_run_chunk, chunk): chunk for chunk in chunks}
+            for future in as_completed(futures):
+                try:
+                    record(future.result())
+                except BrokenProcessPool as e:
+                    stopped = stopped or (f"a worker process died ({e}); was it killed, e.g. for lack of memory? "
+                                          "Rerun (perhaps with fewer --workers) to do the rest")
+                except Exception as e:  # a chunk that could not be sent or returned: its files failed
+                    record([(key, None, f"{type(e).__name__}: {e}") for key, _, _ in futures[future]])
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+        if stopped:
+            stopped += f"; {len(jobs) - len(results) - len(errors)} file(s) not done, {len(results)} written"
+        return results, errors, stopped
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    return results, errors
+
+
+def report(errors, stopped):
+    """The problems to print: one line per failed file, then why the run stopped early, if it did."""
+    return [f"{path}: {error}" for path, error in sorted(errors.items())] + ([f"stopped: {stopped}"] if stopped else [])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,9 +351,10 @@ def prepare_coco(root, kind, splits, workers, overwrite, progress):
     if not pairs:
         raise FileNotFoundError(f"no raw stuffthingmaps (*.png) under {root}/annotations/{{{','.join(splits)}}}")
     left, done = todo(pairs, overwrite)
-    results, errors = run_jobs([(o, convert_coco, (i, o, table)) for i, o in left], workers, f"coco_{kind}", progress)
+    results, errors, stopped = run_jobs([(o, convert_coco, (i, o, table)) for i, o in left], workers,
+                                        f"coco_{kind}", progress)
     unlisted = sorted({v for ids in results.values() for v in ids})
-    problems = [f"{path}: {error}" for path, error in sorted(errors.items())]
+    problems = report(errors, stopped)
     line = f"wrote {len(results)}, already there {done}, failed {len(errors)} (*{suffix})"
     if unlisted and kind == "stuff":
         line += f"; raw ids outside mmseg's table written as 255 (ignored): {unlisted}"
@@ -326,8 +373,9 @@ def prepare_cityscapes(root, splits, workers, overwrite, progress):
     if not pairs:
         raise FileNotFoundError(f"no *_gtFine_polygons.json under {gt}/{{{','.join(splits)}}}")
     left, done = todo(sorted(pairs), overwrite)
-    results, errors = run_jobs([(o, convert_cityscapes, (i, o)) for i, o in left], workers, "cityscapes", progress)
-    problems = [f"{path}: {error}" for path, error in sorted(errors.items())]
+    results, errors, stopped = run_jobs([(o, convert_cityscapes, (i, o)) for i, o in left], workers, "cityscapes",
+                                        progress)
+    problems = report(errors, stopped)
     return f"wrote {len(results)}, already there {done}, failed {len(errors)} (*_gtFine_labelTrainIds.png)", problems
 
 
@@ -403,9 +451,9 @@ def prepare_context(root, splits, workers, overwrite, progress, json_path=None):
         phases = sorted({str(img.get("phase")) for img in images if isinstance(img, dict)})
         raise ValueError(f"{json_path}: no {' or '.join(repr(s) for s in empty)} images (phases found: "
                          f"{', '.join(phases) or 'none'}); is this the Detail trainval_merged.json?")
-    results, errors = run_jobs(jobs, workers, "context", progress)
-    problems = [f"{path}: {error}" for path, error in sorted(errors.items())]
-    if not errors:  # a split file is written only when all its labels are: evaluate.py never sees half a split
+    results, errors, stopped = run_jobs(jobs, workers, "context", progress)
+    problems = report(errors, stopped)
+    if not errors and not stopped:  # a split file is written only when all its labels are: evaluate.py never sees half a split
         for split in wanted:
             save_text(sorted(stems[split]), os.path.join(split_dir, f"{split}.txt"))
     counts = ", ".join(f"{s} {len(stems[s])}" for s in wanted)

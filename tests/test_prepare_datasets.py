@@ -360,6 +360,32 @@ def test_all_prepares_what_it_finds_in_parallel_processes(tmp_path, capsys):
     assert read_png(folder / "000000000003_labelTrainIds.png") == [[0, 255, 11, 255, 80], [170, 255, 255, 255, 79]]
 
 
+def test_a_worker_that_dies_stops_the_run_instead_of_hanging(tmp_path):
+    """A worker killed (by the OOM killer, say) must end the run with a report, not leave it waiting forever."""
+    import threading
+    folder = tmp_path / "val2017"
+    table, jobs = prep.coco_stuff_table(), []
+    for i in range(4):
+        raw, out = str(folder / f"{i:012d}.png"), str(folder / f"{i:012d}_labelTrainIds.png")
+        write_png(raw, RAW)
+        jobs.append((out, prep.convert_coco, (raw, out, table)))
+    jobs.insert(2, ("dies", os._exit, (9,)))  # the worker running this job exits at once, as if killed
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(out=prep.run_jobs(jobs, 2, "test", False)), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "run_jobs still waiting 60 s after a worker died"
+    results, errors, stopped = box["out"]
+    assert stopped and "a worker process died" in stopped and "not done" in stopped
+    assert "dies" not in results and not errors  # nothing failed by itself; the dead job is simply not done
+    for out in results:  # whatever finished is there and complete
+        assert read_png(out) == [[0, 255, 11, 255, 80], [170, 255, 255, 255, 79]]
+    assert "stopped: a worker process died" in prep.report(errors, stopped)[-1]  # printed, and main exits 1
+    # the other worker is terminated too: a file it was writing stays a temporary, never a partial output
+    assert {n for n in os.listdir(folder) if not n.endswith(".part")} == {
+        f"{i:012d}.png" for i in range(4)} | {os.path.basename(out) for out in results}
+
+
 def test_named_dataset_that_is_missing_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(tmp_path, "--datasets", "cityscapes")
