@@ -544,18 +544,29 @@ def check_inputs(args, names):
 # Validation images per dataset (SPEC section 7).
 EXPECTED_COUNTS = {"voc": 1449, "voc20": 1449, "context": 5105, "context59": 5105, "coco_object": 5000,
                    "coco_stuff": 5000, "cityscapes": 500, "ade": 2000, "imagenet_s50": 752, "imagenet_s300": 4097}
+# Datasets that read exactly the files of another: with reduce_zero_label a raw value is valid for the alias when
+# it is for the other (voc: 0..20 or 255; voc20: raw 0 and 255 ignored, 1..20 -> 0..19), so --check reads them once.
+SAME_FILES = {"voc20": "voc", "context59": "context"}
 
 
 def check_data(names, root, progress=True, listed=20):
     """Check prepared datasets without a model: the image/label pairs found against SPEC's count, images without
     a label and labels without an image, each label's mode, size (that of its image) and values (inside the
     dataset's class range or its ignore id, after mmseg's reduce_zero_label). Prints one line per dataset, then
-    every problem (at most `listed` files per kind and dataset); returns the list of problems."""
+    every problem (at most `listed` files per kind and dataset); returns the list of problems. A dataset reading
+    the files of one checked just before (SAME_FILES: voc20 after voc, context59 after context) is not read again:
+    its line repeats that outcome."""
     from PIL import Image
     from tqdm import tqdm
-    problems = []
+    problems, outcome = [], {}  # outcome: name -> True when its files were checked and nothing was wrong
     for name in names:
         found = []
+        same = SAME_FILES.get(name)
+        if same in outcome:  # e.g. voc20 after voc: the same pairs, and the same label values are valid in both
+            spec, n = DATASETS[name], len(read_classes(DATASETS[name]["classes"]))
+            print(f"{name:14s} {'OK' if outcome[same] else 'FAIL':6s} same files as {same} (checked above); "
+                  f"labels 0..{n - 1}, ignore {spec.get('ignore', 255)}")
+            continue
         try:
             if name in REFER:
                 refer_paths(name, root)
@@ -579,9 +590,14 @@ def check_data(names, root, progress=True, listed=20):
         for img_path, ann_path in tqdm(pairs, desc=f"check {name}", disable=not progress, leave=False):
             try:
                 label, bad = load_label(ann_path, spec, len(classes))
-                size = Image.open(img_path).size  # reads the header only
             except (OSError, ValueError) as e:
-                bad_files.append(f"{ann_path}: unreadable ({e})")
+                bad_files.append(f"{ann_path}: unreadable label ({e})")
+                continue
+            try:
+                with Image.open(img_path) as img:  # reads the header only
+                    size = img.size
+            except (OSError, ValueError) as e:
+                bad_files.append(f"{img_path}: unreadable image ({e})")
                 continue
             if bad:
                 bad_files.append(f"{ann_path}: values {bad} outside 0..{len(classes) - 1}"
@@ -595,6 +611,7 @@ def check_data(names, root, progress=True, listed=20):
         print(f"{name:14s} {'FAIL' if found else 'OK':6s} {count}; {values}"
               + (f"; {len(found)} problem(s)" if found else ""))
         problems += [f"{name}: {p}" for p in found]
+        outcome[name] = not found
     if problems:
         print("\nWhat is wrong:")
         for p in problems:

@@ -664,3 +664,52 @@ def test_check_catches_wrong_count_bad_value_and_missing_label(tmp_path, capsys,
     assert f"  cityscapes: {city}: values [19] outside 0..18" in lines
     assert f"  imagenet_s50: {ins}: values [51] outside 0..50" in lines
     assert any(line.startswith("  ade: ") and "not found" in line for line in lines)
+
+
+def test_check_catches_size_mismatch_label_without_image_and_unreadable_image(tmp_path, capsys, monkeypatch):
+    build_fixture(tmp_path, "ade")
+    monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "ade", 1)
+    ade = tmp_path / "ade" / "ADEChallengeData2016"
+    small = ade / "annotations" / "validation" / "000000000000.png"
+    save_label(str(small), torch.ones(10, 12), "L")  # 12x10 where its image is 448x448
+    os.remove(ade / "images" / "validation" / "000000000001.jpg")  # a label without its image
+    broken = ade / "images" / "validation" / "000000000002.jpg"
+    broken.write_bytes(b"not a jpeg")  # the image is unreadable, its label is fine
+    code, out = run_check(tmp_path, "ade", capsys)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith("ade            FAIL   2 pairs (SPEC 1)")
+    assert "  ade: 2 image/label pairs, SPEC expects 1" in lines
+    assert "  ade: label without image: 000000000001" in lines
+    assert f"  ade: {small}: 12x10, its image is 448x448" in lines
+    bad = [line for line in lines if "000000000002" in line]
+    assert len(bad) == 1 and bad[0].startswith(f"  ade: {broken}: unreadable image (")  # the image, not the label
+
+
+def test_check_applies_reduce_zero_label(tmp_path, capsys, monkeypatch):
+    build_fixture(tmp_path, "ade")  # raw 0 (background) and 1..150
+    monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "ade", 3)
+    code, out = run_check(tmp_path, "ade", capsys)
+    assert code == 0, out  # raw 0 is ignored (255) and 150 is class 149: nothing outside 0..149
+    assert out.splitlines() == ["ade            OK     3 pairs (SPEC 3); labels 0..149, ignore 255"]
+    label = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation" / "000000000001.png"
+    save_label(str(label), torch.full((448, 448), 151), "L")  # raw 151 -> 150, one past ADE's 150 classes
+    code, out = run_check(tmp_path, "ade", capsys)
+    assert code == 1
+    assert f"  ade: {label}: values [150] outside 0..149 after reduce_zero_label (raw value - 1)" in out.splitlines()
+
+
+def test_check_reads_files_shared_by_two_datasets_once(tmp_path, capsys, monkeypatch):
+    build_fixture(tmp_path, "voc")  # voc20 reads the same files (reduce_zero_label gives the same valid set)
+    for name in ("voc", "voc20"):
+        monkeypatch.setitem(evaluate.EXPECTED_COUNTS, name, 3)
+    opened = []
+    real = evaluate.load_label
+    monkeypatch.setattr(evaluate, "load_label", lambda path, *a: (opened.append(path), real(path, *a))[1])
+    code, out = run_check(tmp_path, "voc,voc20", capsys)
+    assert code == 0, out
+    assert out.splitlines() == ["voc            OK     3 pairs (SPEC 3); labels 0..20, ignore 255",
+                                "voc20          OK     same files as voc (checked above); labels 0..19, ignore 255"]
+    assert len(opened) == 3
+    code, out = run_check(tmp_path, "voc20", capsys)  # alone, it is checked itself
+    assert code == 0 and out.startswith("voc20          OK     3 pairs (SPEC 3); labels 0..19, ignore 255"), out
