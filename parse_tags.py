@@ -5,12 +5,17 @@ then the tag vocabulary and per-sample label indices that train.py reads. The pa
 Run:
     # 1. parse (resumable: rerun the same command after a crash or Ctrl-C; --shard i/n for many processes)
     python parse_tags.py parse --input 'cc12m/{00000..01242}.tar' --model vicuna-13b-v1.5.Q4_K_M.gguf \
-        --chat-format vicuna --out tags/ --shard 0/8
+        --chat-format vicuna --out tags/ --shard 0/8 --parallel 128      # one GPU per shard: CUDA_VISIBLE_DEVICES=0
+    python parse_tags.py parse --input captions.jsonl --out tags/         # SmolLM2 test model, CPU, 32 sequences
     python parse_tags.py parse --input captions.tsv --key-column key --caption-column caption --out tags/ \
         --hf-repo TheBloke/vicuna-7B-v1.5-GGUF --hf-file vicuna-7b-v1.5.Q4_K_M.gguf
     # 2. combine the shard outputs, 3. build the vocabulary (paper: 10,000 tags) and the labels
     python parse_tags.py merge --out tags/
     python parse_tags.py vocab --out tags/ --num-objects 10000 --num-attributes 10000
+
+Decoding is batched (BatchTagger: continuous batching over --parallel sequences with llama.cpp's low-level API,
+one grammar state per sequence, the prompt prefix evaluated once); answers are one compact line
+"objects | attributes", normalised and grounded in the caption by pure functions (normalize_tags, ground_tags).
 
 Files in --out: parsed.{i}-of-{n}.jsonl (append-only, one record per sample key: {"key", "h", "objects",
 "attributes"} or {"key", "h", "error", "raw"}), errors.{i}-of-{n}.jsonl (bad input shards), parsed.jsonl (merged),
@@ -193,6 +198,11 @@ woollen cotton silk denim velvet rubber copper bronze crystal clay porcelain gra
 knitted chrome aluminum aluminium tin cardboard
 """.split())
 MODIFIERS = ADJECTIVES | MATERIALS
+# Describing words that are also things: alone in the object list they stay objects ("a square", "an orange").
+NOUNS_TOO = set("""
+square round light orange gold silver cream ivory olive navy teal violet lime khaki pastel neon plain double
+classic adult male female custom luxury antique
+""".split())
 # Compound nouns that start with a describing word: kept whole.
 COMPOUNDS = {"hot dog", "hot tub", "hot air", "hot sauce", "high chair", "high heel", "sweet potato", "green bean",
              "double decker", "flat screen", "light bulb", "light house", "white board", "black board", "red carpet",
@@ -271,7 +281,7 @@ def normalize_tags(objects, attributes, max_object_words=3):
         while len(words) > 1 and (words[0] in MODIFIERS or words[0] in attrs) and \
                 f"{words[0]} {singularize(words[1])}" not in COMPOUNDS:
             moved.append(words.pop(0))
-        if len(words) == 1 and words[0] in ADJECTIVES:
+        if len(words) == 1 and words[0] in ADJECTIVES and words[0] not in NOUNS_TOO:
             moved.append(words.pop())
         if len(words) == 1 and words[0].endswith("ing") and words[0] not in ING_NOUNS:
             continue
@@ -1074,18 +1084,22 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000):
         raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
     counts = {"objects": Counter(), "attributes": Counter()}
     n, width, numeric, last = 0, None, True, None
+    objects, attributes = counts["objects"], counts["attributes"]
     for rec in read_records(path):
         key = rec["key"]
-        order = json.dumps(key, ensure_ascii=False)
-        if last is not None and order <= last:
+        # merge's order is that of the JSON-escaped keys; it equals plain string order unless a key holds a
+        # quote, backslash or control character, so the escaped forms are compared only when plain order fails
+        if last is not None and key <= last and \
+                json.dumps(key, ensure_ascii=False) <= json.dumps(last, ensure_ascii=False):
             raise ValueError(f"{path} is not sorted by key with unique keys (at {key!r}); rebuild it with "
                              "`parse_tags.py merge`")
-        last = order
-        numeric = numeric and key.isdigit() and (width is None or len(key) == width)
-        width = len(key) if width is None else width
+        last = key
+        if numeric:
+            numeric = key.isdigit() and (width is None or len(key) == width)
+            width = len(key) if width is None else width
         n += 1
-        for kind in counts:
-            counts[kind].update(set(rec.get(kind, [])))
+        objects.update(set(rec.get("objects", ())))
+        attributes.update(set(rec.get("attributes", ())))
     if n == 0:
         raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
     vocab = {}
@@ -1104,15 +1118,18 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000):
     offsets = {kind: array("q", [0]) for kind in index}
     indices = {kind: array("i") for kind in index}
     int_keys, str_keys = array("q"), io.StringIO()
+    kinds = [(index[kind], indices[kind], offsets[kind], kind) for kind in index]
+    ends = {kind: 0 for kind in index}
     for i, rec in enumerate(read_records(path)):
         if numeric:
             int_keys.append(int(rec["key"]))
         else:
             str_keys.write(("\n" if i else "") + rec["key"])
-        for kind in index:
-            ids = [index[kind][t] for t in rec.get(kind, []) if t in index[kind]]
-            indices[kind].extend(ids)
-            offsets[kind].append(offsets[kind][-1] + len(ids))
+        for lookup, idx, offs, kind in kinds:
+            ids = [lookup[t] for t in rec.get(kind, ()) if t in lookup]
+            idx.extend(ids)
+            ends[kind] += len(ids)
+            offs.append(ends[kind])
     table = {"num_samples": n, "vocab_size": {}, "tags": {},
              "keys": _tensor(int_keys, torch.int64) if numeric else str_keys.getvalue(),
              "key_width": width if numeric else 0}

@@ -60,6 +60,7 @@ class FakeLLM:
     (["man", "sitting", "building", "on"], ["sitting", "on", "motorcycle", "parked", "wooden", "colorful"],
      (["man", "building"], ["parked", "wooden", "colorful"])),
     (["cars", "hot dogs", "small"], ["cars", "kites", "red"], (["car", "hot dog"], ["small", "red"])),
+    (["square", "orange", "circle"], ["red"], (["square", "orange", "circle"], ["red"])),  # nouns too: kept
     # true compounds stay whole; a modifier that the LLM also listed as an attribute is split off
     (["teddy bear", "parking lot", "living room", "fire hydrant"], [], (["teddy bear", "parking lot", "living room",
                                                                         "fire hydrant"], [])),
