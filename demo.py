@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The small frozen CLIP: random weights (seeded); 2 vision blocks keep the patch tokens local.
 TINY_CLIP = clip_model.CLIPConfig(embed_dim=128, image_resolution=128, vision_layers=2, vision_width=192,
                                   vision_patch_size=16, transformer_width=128, transformer_heads=2, transformer_layers=3)
-QUERIES = "red circle,blue square,yellow triangle,circle,red,green"
+QUERIES = "red,green,blue,yellow"  # the held-out colour classes: the heatmaps show which one wins where
 
 
 def run(stage, cmd, log):
@@ -66,6 +66,61 @@ def chance_miou(folder):
     return 100 * iou[counts > 0].mean().item()
 
 
+# Inference settings of the held-out evaluation (evaluate.py flags below, and the figures drawn in-process)
+WINDOW, STRIDE, BG_THRESHOLD = 128, 64, 0.5  # 0.5: the `folder` layout's default background threshold
+
+
+def results_figure(out, table, path, images=4, size=160):
+    """out/demo/results.png: for the first held-out images, photo | ground truth | untrained | trained, for the
+    colour (attribute) and the shape (object) labels, each model's mIoU in its column title, a legend per view."""
+    import figures
+    import tagalign
+    from PIL import Image
+    clip = f"{out}/clip_tiny.pt"
+    models = {"untrained": tagalign.load_model(None, clip, surgery_layers=1),
+              "trained": tagalign.load_model(f"{out}/run/ckpt.pt", clip)}
+    blocks = []
+    for view, what in (("colours", "colours (attribute tags)"), ("shapes", "shapes (object tags)")):
+        folder = f"{out}/synthetic/seg/{view}"
+        classes = open(f"{folder}/classes.txt").read().split("\n")[:-1]
+        colours = figures.colours_for(classes, background=True)  # colour classes in their own colour
+        rows = []
+        for i in range(images):
+            photo = Image.open(f"{folder}/images/{i:05d}.png").convert("RGB")
+            truth = evaluate.pil_to_long(Image.open(f"{folder}/labels/{i:05d}.png"))
+            tiles = [figures.upscale(photo, size), figures.upscale(figures.label_map(truth, colours), size, nearest=True)]
+            for when, model in models.items():
+                text = tagalign.text_embeddings(model.clip, classes[1:])  # background is never a prompt
+                pred, _ = tagalign.segment(tagalign.feature_fn(model), photo, text, clip_weight=0,
+                                           bg_threshold=BG_THRESHOLD, window=WINDOW, stride=STRIDE, short_side=WINDOW)
+                tiles.append(figures.upscale(figures.label_map(pred, colours), size, nearest=True))
+            if i == 0:
+                titles = ["photo", "ground truth", f"untrained: mIoU {table[(view, 'untrained')]:.1f}",
+                          f"trained: mIoU {table[(view, 'trained')]:.1f}"]
+                tiles = [figures.titled(t, s, below=False) for t, s in zip(tiles, titles)]
+            rows.append(figures.row(tiles))
+        key = figures.legend(list(zip(classes, colours.tolist())))
+        blocks.append(figures.titled(figures.row([figures.column(rows), key]),
+                                     f"{what}: held-out images, chance mIoU {table[(view, 'chance')]:.1f}",
+                                     size=16, below=False))
+    figures.column(blocks, gap=20).save(path)
+
+
+def training_figure(log_path, path):
+    """out/demo/training.png: the loss terms (obj, attr, itc) over steps, read from train.py's log.txt."""
+    import figures
+    series = {"obj": [], "attr": [], "itc": []}
+    for line in open(log_path).read().splitlines():
+        if line.startswith("step "):
+            fields = line.split()
+            step = int(fields[1].split("/")[0])
+            for name in series:
+                value = fields[fields.index(name) + 1]
+                if value != "off":
+                    series[name].append((step, float(value)))
+    figures.line_plot(series, title="training loss terms (log.txt)", ylabel="loss").save(path)
+
+
 def main():
     parser = argparse.ArgumentParser(description="TagAlign end to end on synthetic data (CPU, no downloads)")
     parser.add_argument("--out", default="out/demo", help="working folder (data, tags, run, results, heatmaps)")
@@ -74,6 +129,10 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 600; quick 250)")
     parser.add_argument("--test-images", type=int, default=None, help="held-out images (default 100; quick 40)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the data, tags and checkpoint of an earlier run in --out; evaluate and draw only")
+    parser.add_argument("--readme-figure", default=None,
+                        help="also write a small copy of results.png here (docs/demo_results.png is README's)")
     args = parser.parse_args()
     pairs = args.train_pairs or (600 if args.quick else 3000)
     steps = args.steps or (250 if args.quick else 600)
@@ -83,6 +142,16 @@ def main():
     py = sys.executable
     t_start = time.time()
 
+    reuse = args.reuse and os.path.isfile(f"{out}/run/ckpt.pt")
+    if reuse:
+        print(f"[reuse] data, tags and checkpoint of the earlier run in {out}; evaluation and figures only")
+    else:
+        train_stages(args, out, py, pairs, steps, tests)
+    evaluate_stages(args, out, py, tests, t_start)
+
+
+def train_stages(args, out, py, pairs, steps, tests):
+    """Synthetic data -> tag parsing -> vocabulary -> training."""
     run("data", [py, "data/make_synthetic.py", "--out", f"{out}/synthetic", "--train", str(pairs), "--test", str(tests)],
         f"{out}/data.log")
     torch.manual_seed(0)
@@ -100,11 +169,16 @@ def main():
                   "--workers", "1", "--image-size", "128", "--lr", "5", "--min-crop-scale", "0.5", "--surgery-layers",
                   "1", "--shuffle-buffer", "500", "--log-every", "50", "--save-every", str(steps),
                   # captions name the colours: RandAugment's colour ops (invert, solarize, ...) would contradict them
-                  "--auto-augment", "none"], f"{out}/train.log")
+                  "--auto-augment", "none", "--overwrite"], f"{out}/train.log")
+
+
+def evaluate_stages(args, out, py, tests, t_start):
+    """Held-out mIoU before and after training, the figures and the summary."""
 
     # The frozen CLIP is random here, so its raw predictions carry no information: the blend of Eq. 7-8 is
     # evaluated with a = 0 (TagAlign's own features; the paper's a = 0.5 assumes a pretrained CLIP).
-    scale = ["--short-side", "128", "--window", "128", "--stride", "64", "--clip-weight", "0", "--no-progress"]
+    scale = ["--short-side", str(WINDOW), "--window", str(WINDOW), "--stride", str(STRIDE), "--clip-weight", "0",
+             "--no-progress"]
     table = {}
     for view in ("colours", "shapes"):
         folder = f"{out}/synthetic/seg/{view}"
@@ -120,6 +194,12 @@ def main():
                      "--out-dir", f"{out}/heatmaps", "--short-side", "128", "--window", "128", "--stride", "64",
                      "--clip-weight", "0", "--bg-threshold", "0.5"], f"{out}/heatmaps.log")
 
+    results_figure(out, table, f"{out}/results.png")
+    training_figure(f"{out}/run/log.txt", f"{out}/training.png")
+    if args.readme_figure:
+        from PIL import Image
+        Image.open(f"{out}/results.png").quantize(64).save(args.readme_figure, optimize=True)  # small enough to commit
+
     summary = {f"{view} {when}": round(v, 2) for (view, when), v in table.items()}
     summary["minutes"] = round((time.time() - t_start) / 60, 1)
     json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
@@ -127,7 +207,8 @@ def main():
     print(f"{'classes':26s} {'chance':>8s} {'untrained':>10s} {'trained':>8s}")
     for view, what in (("colours", "colours (attribute tags)"), ("shapes", "shapes (object tags)")):
         print(f"{what:26s} {table[(view, 'chance')]:8.2f} {table[(view, 'untrained')]:10.2f} {table[(view, 'trained')]:8.2f}")
-    print(f"heatmaps: {out}/heatmaps/  (queries: {QUERIES})")
+    print(f"figures: {out}/results.png (held-out predictions), {out}/training.png (loss terms), "
+          f"{out}/heatmaps/figure.png (queries: {QUERIES})")
     print(f"total {summary['minutes']} minutes")
 
 

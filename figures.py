@@ -36,6 +36,30 @@ def label_colours(n, background=False):
     return out
 
 
+COLOUR_WORDS = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (40, 70, 215), "yellow": (235, 205, 30),
+                "orange": (245, 130, 48), "purple": (145, 30, 180), "pink": (250, 150, 200), "brown": (140, 90, 40),
+                "white": (245, 245, 245), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+
+
+def colours_for(names, background=False):
+    """label_colours(), except that a class named by a colour word ("red", "blue", ...) is drawn in that colour,
+    so a legend never shows the query "blue" as a yellow swatch."""
+    colours = label_colours(len(names) + 8 * len(names), background)  # spares to skip the colour words' own
+    taken = {COLOUR_WORDS[n.strip().lower()] for n in names if n.strip().lower() in COLOUR_WORDS}
+    def far(c):  # a spare colour must not be mistaken for a colour word's
+        return all(sum((a - b) ** 2 for a, b in zip(c, t)) > 90 ** 2 for t in taken)
+    spare = iter(c for c in colours[1 if background else 0:].tolist() if far(c))
+    out = []
+    for i, n in enumerate(names):
+        if background and i == 0:
+            out.append(colours[0].tolist())
+        elif n.strip().lower() in COLOUR_WORDS:
+            out.append(list(COLOUR_WORDS[n.strip().lower()]))
+        else:
+            out.append(next(spare))
+    return torch.tensor(out, dtype=torch.uint8).view(-1, 3)
+
+
 def colormap(x):
     """Values in [0, 1], (H, W) tensor -> (H, W, 3) uint8, a blue-cyan-yellow-red ramp (jet-like); values outside
     [0, 1] are clipped, so a fixed scale stays fixed."""

@@ -598,8 +598,8 @@ def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.
     (H, W) label ids (0 = background when has_background); maps: (Q, H, W) values drawn on `scale`."""
     from PIL import Image
     photo = figures.upscale(image.convert("RGB"), min_side)
-    colours = figures.label_colours(len(queries) + has_background, background=has_background)
     names = (["background"] if has_background else []) + list(queries)
+    colours = figures.colours_for(names, background=has_background)
     overlay = figures.blend(photo, figures.label_map(labels, colours).resize(photo.size, Image.NEAREST), 0.55)
     offset = 1 if has_background else 0
     tiles = [figures.titled(photo, "photo"), figures.titled(overlay, "labels (argmax)")]
