@@ -237,17 +237,21 @@ def _killable_run(out_dir):
     parse_tags.parse_captions(iter(SAMPLES), FakeLLM(delay=0.05), out_dir, progress=False)
 
 
-def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_killable_run, args=(str(tmp_path),))
+def kill_after(target, out_dir, n):
+    """Run target(out_dir) in a forked process and SIGKILL it once its output holds n records; the records then."""
+    proc = multiprocessing.get_context("fork").Process(target=target, args=(str(out_dir),))
     proc.start()
-    path = tmp_path / "parsed.0-of-1.jsonl"
+    path = out_dir / "parsed.0-of-1.jsonl"
     deadline = time.time() + 60
-    while (not path.exists() or len(records(path)) < 8) and time.time() < deadline:
-        time.sleep(0.02)
+    while (not path.exists() or len(records(path)) < n) and time.time() < deadline:
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
-    before = records(path)
+    return path, records(path)
+
+
+def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
+    path, before = kill_after(_killable_run, tmp_path, 8)
     assert 8 <= len(before) < len(SAMPLES)
     with open(path, "a") as f:
         f.write('{"key": "000099", "h": "trunc')  # a kill mid-write leaves a partial line
@@ -323,16 +327,7 @@ def _killable_batched_run(out_dir):
 
 
 def test_batched_resume_after_kill_mid_batch(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_killable_batched_run, args=(str(tmp_path),))
-    proc.start()
-    path = tmp_path / "parsed.0-of-1.jsonl"
-    deadline = time.time() + 60
-    while (not path.exists() or len(records(path)) < 5) and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    before = records(path)
+    path, before = kill_after(_killable_batched_run, tmp_path, 5)
     assert 5 <= len(before) < len(SAMPLES)
     assert [r["key"] for r in before] == [k for k, _ in SAMPLES[:len(before)]]  # a prefix, even mid-batch
     parse_tags.parse_captions(iter(SAMPLES), FakeBatchLLM(parallel=6), str(tmp_path), progress=False)
