@@ -5,10 +5,14 @@ Run it:
     python clip_model.py                                   # built-in test picture, zero-shot probabilities
     python clip_model.py --image photo.jpg --texts "a dog,a cat"
     python clip_model.py --image photo.jpg --texts "a dog,a cat" --checkpoint /path/to/ViT-B-16.pt
+    python clip_model.py --checkpoint ViT-L/14@336px                 # OpenAI's ViT-B/32, B/16, L/14, L/14@336px
+    python clip_model.py --checkpoint open_clip_model.safetensors --clip-act gelu   # open_clip (LAION, DataComp)
 
 What is in here (paper references are to arXiv 2312.14149 unless said otherwise):
 - The CLIP ViT image encoder and causal text transformer of Radford et al. 2021, with OpenAI's parameter
-  names so that the released checkpoint loads by identity (`build_model`, `load`).
+  names so that the released checkpoints load by identity (`build_model`, `load`): OpenAI's ViT-B/32, B/16, L/14
+  and L/14@336px by name, open_clip files (LAION, DataComp, MetaCLIP; .pt, .bin or .safetensors) by path. Their
+  activation (QuickGELU or GELU) is not in the weights: `activation_for` decides it and says why.
 - The byte-level BPE tokenizer (`SimpleTokenizer`, `tokenize`), identical ids to OpenAI's.
 - Dense features at any input size (a multiple of the patch size) with bicubic positional-embedding
   interpolation computed on the fly.
@@ -20,6 +24,7 @@ import argparse
 import gzip
 import hashlib
 import html
+import json
 import os
 import sys
 import urllib.error
@@ -39,10 +44,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BPE_PATH = os.path.join(HERE, "data", "bpe_simple_vocab_16e6.txt.gz")
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # TagAlign trains/evaluates with these
-MODELS = {  # the SHA-256 of each file is the second-to-last part of its URL
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
-                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+OPENAI_URL = "https://openaipublic.azureedge.net/clip/models/"
+MODELS = {  # OpenAI's ViT releases; the SHA-256 of each file is the second-to-last part of its URL
+    "ViT-B/32": OPENAI_URL + "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": OPENAI_URL + "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": OPENAI_URL + "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": OPENAI_URL + "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+# Vision head width of open_clip's wide towers (ViT-H/14, ViT-g/14, ViT-bigG/14): their heads are not 64 wide, and
+# a state dict does not show the head count (in_proj_weight is (3C, C) whatever it is). Every other width: 64.
+VISION_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+# --clip-act values of every command -> load()'s quick_gelu (None: decided from the file, `activation_for`).
+ACTIVATIONS = {"auto": None, "quickgelu": True, "gelu": False}
+ACTIVATION_HELP = ("CLIP's MLP activation, which the weights do not reveal: auto = QuickGELU for OpenAI's releases, "
+                   "else what open_clip_config.json beside the file says, else QuickGELU when the file name says "
+                   "quickgelu/openai/metaclip, else exact GELU (open_clip's LAION, DataComp)")
+# Path hints for QuickGELU in a file that is not OpenAI's TorchScript release (see `activation_for`).
+QUICK_GELU_HINTS = ("quickgelu", "openai", "metaclip")
 # Entries of OpenAI's TorchScript state dict that are not weights.
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -163,10 +181,13 @@ class CLIPConfig:
     transformer_width: int = 512
     transformer_heads: int = 8
     transformer_layers: int = 12
+    vision_head_width: int = 64  # OpenAI's rule; open_clip's H/14, g/14, bigG/14 use 80, 88, 104 (VISION_HEAD_WIDTH)
+    vision_mlp_width: int = 0  # 0: 4 x vision_width (every OpenAI model; open_clip's g/14 and bigG/14 differ)
+    quick_gelu: bool = True  # OpenAI's x * sigmoid(1.702 x); most open_clip pretrainings use exact nn.GELU
 
     @property
     def vision_heads(self):
-        return self.vision_width // 64  # OpenAI's rule: head dim 64
+        return self.vision_width // self.vision_head_width
 
 
 class LayerNorm(nn.LayerNorm):
@@ -217,14 +238,15 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, mlp_width=0, quick_gelu=True):
         super().__init__()
+        mlp_width = mlp_width or 4 * width
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential()  # named children so keys read mlp.c_fc / mlp.c_proj as in OpenAI's file
-        self.mlp.add_module("c_fc", nn.Linear(width, width * 4))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
+        self.mlp.add_module("c_fc", nn.Linear(width, mlp_width))
+        self.mlp.add_module("gelu", QuickGELU() if quick_gelu else nn.GELU())  # no weights: the file can't tell
+        self.mlp.add_module("c_proj", nn.Linear(mlp_width, width))
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x, causal=False):
@@ -233,9 +255,10 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, mlp_width=0, quick_gelu=True):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, mlp_width, quick_gelu)
+                                        for _ in range(layers)])
 
     def forward(self, x, causal=False):
         for block in self.resblocks:
@@ -253,7 +276,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(W ** -0.5 * torch.randn(W))
         self.positional_embedding = nn.Parameter(W ** -0.5 * torch.randn(grid * grid + 1, W))
         self.ln_pre = LayerNorm(W)
-        self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads)
+        self.transformer = Transformer(W, cfg.vision_layers, cfg.vision_heads, cfg.vision_mlp_width, cfg.quick_gelu)
         self.ln_post = LayerNorm(W)
         self.proj = nn.Parameter(W ** -0.5 * torch.randn(W, cfg.embed_dim))
 
@@ -292,11 +315,14 @@ class VisionTransformer(nn.Module):
         x, _ = self.embed(x)
         return self.head(self.transformer(x)[:, 0])
 
-    def forward_surgery(self, x, surgery_layers=6):
-        """CLIP Surgery dual path over the last `surgery_layers` blocks (SPEC section 2).
-        Returns the x_new tokens (B, 1 + h*w, C) BEFORE ln_post, token 0 being the CLS of x_ori, and (h, w).
-        With surgery_layers=0 this is the plain model's pre-ln_post token sequence."""
+    def forward_surgery(self, x, surgery_layers=None):
+        """CLIP Surgery dual path over the last `surgery_layers` blocks (SPEC section 2; default: the last half,
+        6 of ViT-B's 12 as the authors use, 12 of ViT-L's 24). Returns the x_new tokens (B, 1 + h*w, C) BEFORE
+        ln_post, token 0 being the CLS of x_ori, and (h, w). With surgery_layers=0 this is the plain model's
+        pre-ln_post token sequence."""
         blocks = self.transformer.resblocks
+        if surgery_layers is None:
+            surgery_layers = len(blocks) // 2
         if not 0 <= surgery_layers <= len(blocks):
             raise ValueError(f"surgery_layers must be in [0, {len(blocks)}], got {surgery_layers}")
         x, grid = self.embed(x)
@@ -318,7 +344,8 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.visual = VisionTransformer(cfg)
-        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads)
+        self.transformer = Transformer(cfg.transformer_width, cfg.transformer_layers, cfg.transformer_heads,
+                                       quick_gelu=cfg.quick_gelu)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.transformer_width)
         self.positional_embedding = nn.Parameter(0.01 * torch.randn(cfg.context_length, cfg.transformer_width))
         self.ln_final = LayerNorm(cfg.transformer_width)
@@ -347,8 +374,10 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Loading OpenAI / open_clip checkpoints
 
-def config_from_state_dict(sd):
-    """Infer every size of the model from tensor shapes (works for B/32, B/16, L/14 and small test configs)."""
+def config_from_state_dict(sd, quick_gelu=True):
+    """Infer every size of the model from tensor shapes (B/32, B/16, L/14, L/14@336, open_clip's wider towers and
+    small test configs). What shapes cannot show comes from outside: the activation (`activation_for`) and the
+    vision head width of open_clip's H, g and bigG towers (VISION_HEAD_WIDTH, keyed by their unique widths)."""
     if "visual.conv1.weight" not in sd:
         found = "a ResNet CLIP" if any(k.startswith("visual.layer1.") for k in sd) else "not a CLIP state dict"
         raise ValueError(f"only ViT CLIP checkpoints are supported; this one is {found} "
@@ -359,6 +388,7 @@ def config_from_state_dict(sd):
 
     conv = sd["visual.conv1.weight"]
     grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+    mlp = sd.get("visual.transformer.resblocks.0.mlp.c_fc.weight")
     return CLIPConfig(
         embed_dim=sd["text_projection"].shape[1],
         image_resolution=conv.shape[-1] * grid,
@@ -370,18 +400,22 @@ def config_from_state_dict(sd):
         transformer_width=sd["ln_final.weight"].shape[0],
         transformer_heads=sd["ln_final.weight"].shape[0] // 64,
         transformer_layers=count_layers("transformer.resblocks"),
+        vision_head_width=VISION_HEAD_WIDTH.get(conv.shape[0], 64),
+        vision_mlp_width=0 if mlp is None or mlp.shape[0] == 4 * conv.shape[0] else mlp.shape[0],
+        quick_gelu=quick_gelu,
     )
 
 
-def build_model(state_dict):
+def build_model(state_dict, quick_gelu=True):
     """Build a CLIP from a state dict with OpenAI's key names; every key and shape is checked, then loaded strictly.
-    fp16 tensors are cast to fp32; OpenAI's non-weight entries are dropped. Returns the model in eval mode."""
+    fp16 tensors are cast to fp32; OpenAI's non-weight entries are dropped. quick_gelu: the MLP activation, which
+    the weights do not reveal (`activation_for` decides it for a file). Returns the model in eval mode."""
     sd = {k: v for k, v in state_dict.items() if k not in NON_WEIGHT_KEYS}
     bad = [k for k, v in sd.items() if not torch.is_tensor(v)]
     if bad:
         raise ValueError(f"checkpoint entries that are not tensors: {bad[:10]}")
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    model = CLIP(config_from_state_dict(sd))
+    model = CLIP(config_from_state_dict(sd, quick_gelu))
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -395,18 +429,50 @@ def build_model(state_dict):
     return model.eval()
 
 
+def is_torchscript(path):
+    """OpenAI's releases are TorchScript archives (a zip holding code/ and constants.pkl); torch.save files are not."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A .safetensors file (how open_clip's models are published on the Hugging Face hub) -> {name: tensor}.
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then
+    the raw little-endian tensor bytes, offsets counted from the end of the header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        sd = {}
+        for name, t in header.items():
+            if t["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: tensor {name} has dtype {t['dtype']}, which this reader does not know")
+            begin, end = t["data_offsets"]
+            f.seek(8 + n + begin)
+            data = bytearray(f.read(end - begin))
+            dtype = SAFETENSORS_DTYPES[t["dtype"]]
+            sd[name] = (torch.frombuffer(data, dtype=dtype) if data else torch.zeros(0, dtype=dtype)).reshape(t["shape"])
+    return sd
+
+
 def read_state_dict(path):
-    """Read a TorchScript archive (OpenAI's release), a torch.save'd state dict, or an open_clip checkpoint
-    ({'state_dict': ...}, possibly with DDP's 'module.' prefix) into a plain {name: tensor} dict on the CPU."""
+    """Read a TorchScript archive (OpenAI's release), a torch.save'd state dict, an open_clip checkpoint
+    ({'state_dict': ...}, possibly with DDP's 'module.' prefix) or a .safetensors file (open_clip's models on the
+    Hugging Face hub) into a plain {name: tensor} dict on the CPU."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (give a checkpoint file or one of the model names "
                                 f"{sorted(MODELS)}, which are downloaded)")
-    is_torchscript = False
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            is_torchscript = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
     try:
-        if is_torchscript:
+        if path.endswith(".safetensors"):
+            sd = read_safetensors(path)
+        elif is_torchscript(path):
             with warnings.catch_warnings():  # torch marks TorchScript deprecated; OpenAI's release is one
                 warnings.simplefilter("ignore", FutureWarning)
                 sd = torch.jit.load(path, map_location="cpu").state_dict()
@@ -422,6 +488,31 @@ def read_state_dict(path):
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def activation_for(path, quick_gelu=None):
+    """(quick_gelu, why) for a checkpoint file. The activation is not in the weights: OpenAI trained with QuickGELU,
+    open_clip's LAION and DataComp models with exact GELU, MetaCLIP with QuickGELU. A wrong guess does not fail,
+    it quietly shifts every feature, so the choice is always reported. Order: the caller's explicit choice (a
+    flag); OpenAI's TorchScript release; open_clip_config.json beside the file (the hub's repos ship one, its
+    model_cfg.quick_gelu is authoritative); a hint in the file name or its Hugging Face cache folder (open_clip
+    names QuickGELU models '*-quickgelu*', e.g. 'ViT-B-32-quickgelu-metaclip_400m.pt'); else exact GELU."""
+    if quick_gelu is not None:
+        return quick_gelu, "as asked"
+    if is_torchscript(path):
+        return True, "OpenAI's TorchScript release"
+    config = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+    if os.path.isfile(config):
+        with open(config, encoding="utf-8") as f:
+            quick = bool(json.load(f).get("model_cfg", {}).get("quick_gelu", False))
+        return quick, "open_clip_config.json beside it"
+    # only names that describe the model: the file, and a hub cache folder models--org--repo (not the user's folders)
+    names = [os.path.basename(path)] + [d for d in os.path.abspath(path).split(os.sep) if d.startswith("models--")]
+    hint = next((h for h in QUICK_GELU_HINTS for n in names if h in n.lower()), None)
+    if hint:
+        return True, f"'{hint}' in its name"
+    return False, ("a state dict with no QuickGELU hint in its name: open_clip's default (LAION, DataComp); "
+                   "pass --clip-act quickgelu for a model trained with QuickGELU")
 
 
 def file_sha256(path):
@@ -469,11 +560,24 @@ def download(name="ViT-B/16", root=None):
     return download_file(url, os.path.join(root, os.path.basename(url)), sha256=url.split("/")[-2])
 
 
-def load(name_or_path="ViT-B/16", device="cpu", root=None):
-    """A model name (downloaded and cached), a URL, or a checkpoint path -> CLIP model in eval mode, fp32."""
+def load(name_or_path="ViT-B/16", device="cpu", root=None, quick_gelu=None):
+    """A model name (downloaded and cached), a URL, or a checkpoint path -> CLIP model in eval mode, fp32.
+    quick_gelu: None decides from the file (`activation_for`); model.activation says what was used and why."""
     is_remote = name_or_path in MODELS or "://" in name_or_path
     path = download(name_or_path, root) if is_remote else name_or_path  # a missing path: "checkpoint not found"
-    return build_model(read_state_dict(path)).to(device)
+    sd = read_state_dict(path)
+    quick_gelu, why = activation_for(path, quick_gelu)
+    model = build_model(sd, quick_gelu).to(device)
+    model.activation = f"{'QuickGELU' if quick_gelu else 'GELU'} ({why})"
+    return model
+
+
+def describe(model):
+    """One line naming the backbone's shape and activation, for logs: results must say which CLIP made them."""
+    c = model.cfg
+    return (f"ViT with patch {c.vision_patch_size}, {c.image_resolution} px, {c.vision_layers} blocks of width "
+            f"{c.vision_width} ({c.vision_heads} heads), embedding {c.embed_dim}, "
+            f"{getattr(model, 'activation', 'QuickGELU' if c.quick_gelu else 'GELU')}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -502,11 +606,12 @@ def main():
                         help="comma-separated candidate captions")
     parser.add_argument("--checkpoint", default="ViT-B/16",
                         help="checkpoint path (OpenAI .pt, state dict or open_clip file) or a model name to download")
+    parser.add_argument("--clip-act", default="auto", choices=sorted(ACTIVATIONS), help=ACTIVATION_HELP)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args()
 
     try:
-        model = load(args.checkpoint, device=args.device)
+        model = load(args.checkpoint, device=args.device, quick_gelu=ACTIVATIONS[args.clip_act])
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     if args.image is None:
@@ -517,6 +622,7 @@ def main():
             img = Image.open(args.image)
         except (OSError, FileNotFoundError) as e:
             sys.exit(f"error: cannot open image {args.image}: {e}")
+    print(f"CLIP: {describe(model)}", file=sys.stderr)
     texts = [t.strip() for t in args.texts.split(",") if t.strip()]
     image = preprocess(img, model.cfg.image_resolution).to(args.device)
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """clip_model.py against independent references: open_clip (the model and the tokenizer), timm's positional
 embedding resampling, a direct transcription of the CLIP Surgery equations (SPEC section 2), hand-known facts
 of OpenAI's release (key count, parameter count, vocab checksum), and every documented error path."""
+import dataclasses
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -173,16 +175,157 @@ def test_torchscript_archive_path_vitb16(tmp_path, vitb16_state_dict):
 
 
 def test_plain_and_open_clip_checkpoint_formats(tmp_path, tiny_state_dict, tiny_model):
+    """The same (QuickGELU) weights as a plain state dict, an open_clip training checkpoint and a .safetensors
+    file load to the same model; the activation comes from the flag or the path, never silently."""
+    from safetensors.torch import save_file  # the reference writer of the format our reader parses by hand
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = tiny_model.encode_image(images)
     plain = dict(tiny_state_dict, input_resolution=64, context_length=77, vocab_size=49408)
     wrapped = {"epoch": 3, "state_dict": {"module." + k: v.half() for k, v in tiny_state_dict.items()}}
-    for name, obj in [("plain.pt", plain), ("open_clip.pt", wrapped)]:
-        torch.save(obj, tmp_path / name)
-        model = clip_model.load(str(tmp_path / name))
+    torch.save(plain, tmp_path / "plain.pt")
+    torch.save(wrapped, tmp_path / "epoch_3-quickgelu.pt")
+    save_file({k: v.half().contiguous() for k, v in tiny_state_dict.items()}, str(tmp_path / "model.safetensors"))
+    for name, flag, why in [("plain.pt", True, "as asked"), ("epoch_3-quickgelu.pt", None, "'quickgelu' in its name"),
+                            ("model.safetensors", True, "as asked")]:
+        model = clip_model.load(str(tmp_path / name), quick_gelu=flag)
+        assert model.activation == f"QuickGELU ({why})"
         with torch.no_grad():
             assert torch.equal(model.encode_image(images), expected), name
+    # no flag and no hint: exact GELU (open_clip's default), said so, and the features differ
+    model = clip_model.load(str(tmp_path / "plain.pt"))
+    assert model.activation.startswith("GELU (a state dict with no QuickGELU hint in its name")
+    assert "GELU (a state dict" in clip_model.describe(model)
+    with torch.no_grad():
+        assert max_diff(model.encode_image(images), expected) > 1e-3
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    """Every dtype open_clip files use, odd shapes, a scalar and an empty tensor, against safetensors' own loader."""
+    from safetensors.torch import load_file, save_file
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.f32": torch.randn(3, 5, generator=g), "b.f16": torch.randn(7, generator=g).half(),
+               "c.bf16": torch.randn(2, 2, 3, generator=g).bfloat16(), "d.i64": torch.arange(-3, 9),
+               "scalar": torch.tensor(4.5), "empty": torch.zeros(0, 4), "flag": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    ours, ref = clip_model.read_safetensors(str(tmp_path / "t.safetensors")), load_file(str(tmp_path / "t.safetensors"))
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape and torch.equal(ours[k], ref[k]), k
+
+
+# ---------------------------------------------------------------------------------------------- other backbones
+
+def open_clip_model(cfg, quick_gelu):
+    """open_clip's own CLIP class (not its OpenAI-state-dict builder) for a CLIPConfig: an independent build of the
+    architecture, with the activation and vision head width set the way open_clip's model configs set them."""
+    vision = dict(layers=cfg.vision_layers, width=cfg.vision_width, head_width=cfg.vision_head_width,
+                  mlp_ratio=(cfg.vision_mlp_width or 4 * cfg.vision_width) / cfg.vision_width,
+                  patch_size=cfg.vision_patch_size, image_size=cfg.image_resolution)
+    text = dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.transformer_width,
+                heads=cfg.transformer_heads, layers=cfg.transformer_layers)
+    return open_clip.model.CLIP(cfg.embed_dim, vision, text, quick_gelu=quick_gelu).eval()
+
+
+BACKBONES = {  # OpenAI's B/32 at full depth (and 3 blocks); L/14 and L/14@336 at full width, 2 of 24 blocks; H/14
+    "B-32": clip_model.CLIPConfig(vision_patch_size=32),
+    "B-32-3": clip_model.CLIPConfig(vision_patch_size=32, vision_layers=3, transformer_layers=3),
+    "L-14": clip_model.CLIPConfig(embed_dim=768, vision_layers=2, vision_width=1024, vision_patch_size=14,
+                                  transformer_width=768, transformer_heads=12, transformer_layers=2),
+    "L-14-336": clip_model.CLIPConfig(embed_dim=768, image_resolution=336, vision_layers=2, vision_width=1024,
+                                      vision_patch_size=14, transformer_width=768, transformer_heads=12,
+                                      transformer_layers=2),
+    "H-14": clip_model.CLIPConfig(embed_dim=1024, vision_layers=1, vision_width=1280, vision_patch_size=14,
+                                  vision_head_width=80, transformer_width=1024, transformer_heads=16,
+                                  transformer_layers=1),
+}
+
+
+@pytest.mark.parametrize("name,act,file", [
+    ("B-32", "gelu", "ViT-B-32-laion2b_s34b_b79k.pt"),         # LAION B/32: exact GELU, open_clip checkpoint
+    ("B-32-3", "quickgelu", "ViT-B-32-quickgelu-metaclip_400m.pt"),  # MetaCLIP: QuickGELU, from the file name
+    ("L-14", "gelu", "datacomp_xl_s13b_b90k/open_clip_model.safetensors"),  # DataComp L/14 as on the hub
+    ("L-14-336", "quickgelu", None),                            # OpenAI's L/14@336 shape, state dict in memory
+    ("H-14", "gelu", "laion2b_s32b_b79k/open_clip_pytorch_model.bin"),  # 16 heads of 80: not inferable from shapes
+])
+def test_parity_with_open_clip_other_backbones(tmp_path, name, act, file):
+    """Random weights in open_clip's own model of each shape, saved as open_clip publishes them (training
+    checkpoint, .bin or .safetensors), loaded by path with the activation decided from the path: image and text
+    embeddings agree to 1e-4. The wrong activation is visibly wrong (so the test can tell them apart)."""
+    from conftest import random_state_dict
+    from safetensors.torch import save_file
+    cfg = BACKBONES[name]
+    sd = random_state_dict(cfg, seed=3)
+    ref = open_clip_model(cfg, quick_gelu=act == "quickgelu")
+    ref.load_state_dict(sd, strict=True)  # same key names: open_clip keeps OpenAI's
+    if file is None:
+        ours = clip_model.build_model(sd, quick_gelu=True)
+    else:
+        path = tmp_path / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if file.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+        elif file.endswith(".bin"):
+            torch.save(ref.state_dict(), path)
+        else:
+            torch.save({"epoch": 32, "name": name, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}},
+                       path)
+        ours = clip_model.load(str(path))
+        assert ours.activation.startswith("QuickGELU" if act == "quickgelu" else "GELU")
+    assert ours.cfg == dataclasses.replace(cfg, quick_gelu=act == "quickgelu")
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, cfg.image_resolution, cfg.image_resolution)
+    texts = clip_model.tokenize(["a photo of a brown dog", "two cats on a sofa"])
+    with torch.no_grad():
+        img_o, img_r = ours.encode_image(images), ref.encode_image(images)
+        txt_o, txt_r = ours.encode_text(texts), ref.encode_text(texts)
+        wrong = clip_model.build_model(sd, quick_gelu=act != "quickgelu").encode_image(images)
+    assert img_r.abs().max() > 0.1 and txt_r.abs().max() > 0.1
+    assert max_diff(img_o, img_r) <= 1e-4 and max_diff(txt_o, txt_r) <= 1e-4
+    assert max_diff(wrong, img_r) > 1e-3
+
+
+def test_openai_model_names_and_activation_rules(tmp_path):
+    """The four OpenAI ViTs by name, each URL carrying its file's SHA-256; activation order: flag, TorchScript,
+    open_clip_config.json beside the file, a hint in the file name or hub cache folder, else GELU. The user's own
+    folder names are not hints."""
+    assert sorted(clip_model.MODELS) == ["ViT-B/16", "ViT-B/32", "ViT-L/14", "ViT-L/14@336px"]
+    for name, url in clip_model.MODELS.items():
+        digest, file = url.split("/")[-2:]
+        assert len(digest) == 64 and int(digest, 16) >= 0 and file == name.replace("/", "-").replace("@", "-") + ".pt"
+
+    def saved(rel):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"x": torch.zeros(1)}, path)
+        return str(path)
+    assert clip_model.activation_for(saved("openai_runs/weights.pt"))[0] is False  # a user's folder: no hint
+    assert clip_model.activation_for(saved("ViT-L-14-openai.pt")) == (True, "'openai' in its name")
+    hub = saved("models--timm--vit_base_patch32_clip_224.metaclip_400m/snapshots/0a1b/open_clip_pytorch_model.bin")
+    assert clip_model.activation_for(hub) == (True, "'metaclip' in its name")
+    assert clip_model.activation_for(hub, quick_gelu=False) == (False, "as asked")
+    laion = saved("models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0a1b/open_clip_pytorch_model.bin")
+    assert clip_model.activation_for(laion)[0] is False
+    for cfg, quick in [({"model_cfg": {"embed_dim": 512, "quick_gelu": True}}, True), ({"model_cfg": {}}, False)]:
+        (tmp_path / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0a1b/open_clip_config.json").write_text(
+            json.dumps(cfg))
+        assert clip_model.activation_for(laion) == (quick, "open_clip_config.json beside it")
+    scripted = tmp_path / "any-name.pt"
+    torch.jit.trace(_Holder({"x": torch.zeros(1)}), torch.zeros(1)).save(str(scripted))
+    assert clip_model.activation_for(str(scripted)) == (True, "OpenAI's TorchScript release")
+
+
+def test_surgery_defaults_to_the_last_half_of_the_blocks():
+    """6 of ViT-B's 12 blocks (the authors' setting), 12 of ViT-L's 24: checked on an L/14-shaped tower of 4 blocks."""
+    from conftest import random_state_dict
+    cfg = dataclasses.replace(BACKBONES["L-14"], vision_layers=4)
+    model = clip_model.build_model(random_state_dict(cfg, seed=5))
+    x = torch.randn(1, 3, 56, 84)
+    with torch.no_grad():
+        default, grid = model.visual.forward_surgery(x)
+        half, _ = model.visual.forward_surgery(x, 2)
+        three, _ = model.visual.forward_surgery(x, 3)
+    assert grid == (4, 6) and torch.equal(default, half) and max_diff(default, three) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------- dense path and surgery
@@ -317,8 +460,8 @@ def test_wrong_image_size_is_a_clear_error(tiny_model):
 def test_missing_and_corrupt_checkpoints(tmp_path, tiny_state_dict):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         clip_model.load(str(tmp_path / "nope.pt"))
-    with pytest.raises(FileNotFoundError, match=r"model names \['ViT-B/16'\]"):
-        clip_model.load("ViT-L/14")
+    with pytest.raises(FileNotFoundError, match=r"model names \['ViT-B/16', 'ViT-B/32', 'ViT-L/14', 'ViT-L/14@336px'\]"):
+        clip_model.load("ViT-H/14")  # not an OpenAI release: a path, which does not exist
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(4096))
     with pytest.raises(RuntimeError, match="corrupt or truncated"):
