@@ -77,7 +77,7 @@ def results_figure(out, table, path, images=4, size=160):
     import figures
     import tagalign
     from PIL import Image
-    clip = f"{out}/clip_tiny.pt"
+    clip = f"{out}/clip_tiny-quickgelu.pt"
     models = {"untrained": tagalign.load_model(None, clip, surgery_layers=1),
               "trained": tagalign.load_model(f"{out}/run/ckpt.pt", clip)}
     blocks = []
@@ -156,7 +156,8 @@ def train_stages(args, out, py, pairs, steps, tests):
     run("data", [py, "data/make_synthetic.py", "--out", f"{out}/synthetic", "--train", str(pairs), "--test", str(tests)],
         f"{out}/data.log")
     torch.manual_seed(0)
-    torch.save(clip_model.CLIP(TINY_CLIP).state_dict(), f"{out}/clip_tiny.pt")  # random frozen CLIP, said so
+    # random frozen CLIP in OpenAI's form; "quickgelu" in the name is how load() knows its activation
+    torch.save(clip_model.CLIP(TINY_CLIP).state_dict(), f"{out}/clip_tiny-quickgelu.pt")
     run("parse", [py, "parse_tags.py", "parse", "--input", f"{out}/synthetic/shards/*.tar", "--out", f"{out}/tags",
                   "--threads", str(args.threads)], f"{out}/parse.log")
     run("merge", [py, "parse_tags.py", "merge", "--out", f"{out}/tags"], f"{out}/merge.log")
@@ -166,7 +167,7 @@ def train_stages(args, out, py, pairs, steps, tests):
     print("         objects:", ", ".join(f"{e['tag']} {e['count']}" for e in vocab["objects"][:8]))
     print("         attributes:", ", ".join(f"{e['tag']} {e['count']}" for e in vocab["attributes"][:8]))
     run("train", [py, "train.py", "--data", f"{out}/synthetic/shards/*.tar", "--labels", f"{out}/tags", "--clip",
-                  f"{out}/clip_tiny.pt", "--out", f"{out}/run", "--steps", str(steps), "--batch-size", "32",
+                  f"{out}/clip_tiny-quickgelu.pt", "--out", f"{out}/run", "--steps", str(steps), "--batch-size", "32",
                   "--workers", "1", "--image-size", "128", "--lr", "5", "--min-crop-scale", "0.5", "--surgery-layers",
                   "1", "--shuffle-buffer", "500", "--log-every", "50", "--save-every", str(steps),
                   # captions name the colours: RandAugment's colour ops (invert, solarize, ...) would contradict them
@@ -183,14 +184,14 @@ def evaluate_stages(args, out, py, tests, t_start):
     table = {}
     for view in ("colours", "shapes"):
         folder = f"{out}/synthetic/seg/{view}"
-        for when, extra in (("untrained", ["--clip", f"{out}/clip_tiny.pt", "--surgery-layers", "1"]),
-                            ("trained", ["--checkpoint", f"{out}/run/ckpt.pt", "--clip", f"{out}/clip_tiny.pt"])):
+        for when, extra in (("untrained", ["--clip", f"{out}/clip_tiny-quickgelu.pt", "--surgery-layers", "1"]),
+                            ("trained", ["--checkpoint", f"{out}/run/ckpt.pt", "--clip", f"{out}/clip_tiny-quickgelu.pt"])):
             run(f"eval {view} {when}", [py, "evaluate.py", "--dataset", "folder", "--data-root", folder,
                                         "--out", f"{out}/eval_{view}_{when}", *scale, *extra], f"{out}/eval.log")
             result = json.load(open(f"{out}/eval_{view}_{when}/results.json"))["results"][0]
             table[(view, when)] = result["miou"]
         table[(view, "chance")] = chance_miou(folder)
-    run("heatmaps", [py, "tagalign.py", "--checkpoint", f"{out}/run/ckpt.pt", "--clip", f"{out}/clip_tiny.pt",
+    run("heatmaps", [py, "tagalign.py", "--checkpoint", f"{out}/run/ckpt.pt", "--clip", f"{out}/clip_tiny-quickgelu.pt",
                      "--image", f"{out}/synthetic/seg/colours/images/00000.png", "--queries", QUERIES,
                      "--out-dir", f"{out}/heatmaps", "--short-side", "128", "--window", "128", "--stride", "64",
                      "--clip-weight", "0", "--bg-threshold", "0.5"], f"{out}/heatmaps.log")

@@ -8,7 +8,8 @@ Run it on one image (writes an overlay PNG and one heatmap PNG per query into --
 
 What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
 - Sec. 3.2: a gated-conv projector (2 residual blocks x 2 branches: LayerNorm -> GELU -> 3x3 conv -> tanh(g),
-  g = 0 at init, so the projector starts as the identity) on the 768-d CLIP Surgery patch tokens, then a
+  g = 0 at init, so the projector starts as the identity) on the CLIP Surgery patch tokens (as wide as the
+  vision tower: 768 for ViT-B, 1024 for ViT-L; surgery on the last half of its blocks by default), then a
   trainable copy of CLIP's ln_post + proj. Image embedding z = spatial mean.
 - Eq. 1-2: multi-tag classification, s_k = tau cos(z, c_k), softmax over the K tags, loss averaged over the
   image's tags P: -(1/|P|) sum_{k in P} log p_k, then over the batch (as the authors' code: images without tags
@@ -26,7 +27,8 @@ import hashlib
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,7 @@ BASELINES = ("surgery", "plain", "maskclip", "sclip", "clearclip", "naclip")
 
 @dataclass
 class TagAlignConfig:
-    surgery_layers: int = 6  # CLIP Surgery on the last N vision blocks
+    surgery_layers: Optional[int] = None  # CLIP Surgery on the last N vision blocks; None: the last half (6 of 12)
     projector_blocks: int = 2  # residual blocks, each of two gated-conv branches
     init_temperature: float = 1 / 0.07  # tau of Eq. 1 and of Eq. 5, learned as log(tau)
     max_temperature: float = 100.0
@@ -84,6 +86,8 @@ class TagAlign(nn.Module):
 
     def __init__(self, clip: clip_model.CLIP, cfg: TagAlignConfig = TagAlignConfig()):
         super().__init__()
+        if cfg.surgery_layers is None:  # recorded as a number, so a checkpoint says what it was trained with
+            cfg = replace(cfg, surgery_layers=clip.cfg.vision_layers // 2)
         self.cfg = cfg
         self.clip = clip.eval().requires_grad_(False)
         width = clip.cfg.vision_width
@@ -145,16 +149,17 @@ class TagAlign(nn.Module):
 
 
 def save_checkpoint(path, model: TagAlign, clip_name, **extra):
-    """Trainable state + config, written atomically (temp file + rename). `extra`: optimizer, step, ... ."""
-    obj = {"model": model.trainable_state_dict(), "config": asdict(model.cfg), "clip": clip_name, **extra}
+    """Trainable state + config, written atomically (temp file + rename). `extra`: optimizer, step, ... . The CLIP's
+    activation is recorded with its name: a file does not reveal it, and the projector is trained on its features."""
+    obj = {"model": model.trainable_state_dict(), "config": asdict(model.cfg), "clip": clip_name,
+           "clip_quick_gelu": model.clip.cfg.quick_gelu, **extra}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, clip=None, device="cpu"):
-    """A TagAlign checkpoint -> model in eval mode. The frozen CLIP is loaded from the name/path recorded in the
-    checkpoint unless given."""
+def read_checkpoint(path):
+    """A TagAlign checkpoint file -> its dict (trainable state, config, the CLIP's name and activation)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"TagAlign checkpoint not found: {path}")
     try:
@@ -163,9 +168,23 @@ def load_checkpoint(path, clip=None, device="cpu"):
         raise RuntimeError(f"could not read TagAlign checkpoint {path} ({type(e).__name__}); is it corrupt?") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a TagAlign checkpoint (expected keys 'model' and 'config')")
+    return ckpt
+
+
+def load_checkpoint(path, clip=None, device="cpu"):
+    """A TagAlign checkpoint -> model in eval mode. The frozen CLIP is loaded from the name/path recorded in the
+    checkpoint, with the recorded activation, unless a CLIP model is given (whose activation must then match)."""
+    ckpt = read_checkpoint(path)
+    recorded = ckpt.get("clip_quick_gelu")  # None in checkpoints written before it was recorded
     if clip is None:
         fetch_clip_once(ckpt["clip"])
-        clip = clip_model.load(ckpt["clip"])
+        clip = clip_model.load(ckpt["clip"], quick_gelu=recorded)
+        if recorded is not None:
+            clip.activation = f"{'QuickGELU' if recorded else 'GELU'} (recorded in the TagAlign checkpoint)"
+    elif recorded is not None and clip.cfg.quick_gelu != recorded:
+        act = lambda q: "QuickGELU" if q else "GELU"
+        raise ValueError(f"{path} was trained on a CLIP with {act(recorded)}, the CLIP given uses "
+                         f"{act(clip.cfg.quick_gelu)}; pass --clip-act {'quickgelu' if recorded else 'gelu'}")
     model = TagAlign(clip, TagAlignConfig(**ckpt["config"]))
     model.load_trainable_state_dict(ckpt["model"])
     return model.to(device).eval()
@@ -181,19 +200,49 @@ def check_model_files(checkpoint=None, clip=None):
                                 f"{', '.join(clip_model.MODELS)})")
 
 
-def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu"):
+def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu", quick_gelu=None):
     """A TagAlign checkpoint, or without one the untrained model (identity projector = CLIP Surgery) with
-    surgery_layers (default min(6, the CLIP's blocks)). clip: a CLIP path or name (default: the checkpoint's,
-    else ViT-B/16)."""
+    surgery_layers (default: the last half of the CLIP's blocks). clip: a CLIP path or name (default: the
+    checkpoint's, else ViT-B/16). quick_gelu: the CLIP's activation (None: the checkpoint's, else from the file)."""
     check_model_files(checkpoint, clip)  # before a CLIP is loaded or downloaded
     if clip or not checkpoint:
+        recorded = None
+        if checkpoint and quick_gelu is None:  # another copy of the same CLIP: keep the activation it was trained on
+            recorded = quick_gelu = read_checkpoint(checkpoint).get("clip_quick_gelu")
         clip = clip or "ViT-B/16"
         fetch_clip_once(clip)  # under torchrun: one download per node
-        clip = clip_model.load(clip, device=device)
+        clip = clip_model.load(clip, device=device, quick_gelu=quick_gelu)
+        if recorded is not None:
+            clip.activation = f"{'QuickGELU' if recorded else 'GELU'} (recorded in the TagAlign checkpoint)"
+    elif quick_gelu is not None:
+        clip = clip_model.load(read_checkpoint(checkpoint)["clip"], device=device, quick_gelu=quick_gelu)
     if checkpoint:
         return load_checkpoint(checkpoint, clip, device)
-    layers = surgery_layers if surgery_layers is not None else min(6, clip.cfg.vision_layers)
-    return TagAlign(clip, TagAlignConfig(surgery_layers=layers)).to(device).eval()
+    return TagAlign(clip, TagAlignConfig(surgery_layers=surgery_layers)).to(device).eval()
+
+
+def inference_defaults(clip):
+    """Window and short side that follow the backbone: twice its input resolution (the authors' 448 for the
+    224-px ViT-B/16; 672 for L/14@336px), a multiple of the patch size by construction."""
+    size = 2 * clip.cfg.image_resolution
+    return {"window": size, "short_side": size}
+
+
+def check_window(window, patch):
+    """A window that is not a multiple of the patch size would be padded with zeros, which CLIP never saw."""
+    if window % patch:
+        lo = max(patch, window // patch * patch)
+        raise ValueError(f"--window {window} is not a multiple of the CLIP's patch size {patch}; use {lo} or {lo + patch}")
+
+
+def scaled_stride(stride, window, patch, authors_window=448):
+    """A stride of the authors' config (SPEC section 7, ViT-B/16 with 448 windows) for another backbone or window:
+    the same fraction of the window, rounded to a multiple of the patch size so that every window's patch grid
+    lines up with its neighbours' (B/32: 56 -> 64; L/14 at 448: 56 stays 4 patches). ViT-B/16 at 448 keeps the
+    authors' values exactly, 56 (3.5 patches) included."""
+    if (patch, window) == (16, authors_window):
+        return stride
+    return max(patch, round(stride * window / authors_window / patch) * patch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,15 +674,19 @@ def main(argv=None):
     parser.add_argument("--method", default="tagalign", choices=("tagalign",) + BASELINES,
                         help="feature source: TagAlign, or a training-free baseline")
     parser.add_argument("--surgery-layers", type=int, default=None,
-                        help="without --checkpoint: CLIP Surgery blocks (default min(6, the CLIP's layers))")
+                        help="without --checkpoint: CLIP Surgery blocks (default: the last half of the CLIP's blocks)")
+    parser.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS),
+                        help=clip_model.ACTIVATION_HELP + "; with --checkpoint, auto = the activation it was trained with")
     parser.add_argument("--out-dir", default="out/tagalign", help="where the PNGs are written")
     parser.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (SPEC section 7)")
     parser.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
     parser.add_argument("--bg-threshold", type=float, default=None, help="score below which a pixel is background")
     parser.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"], help="prompt templates")
-    parser.add_argument("--window", type=int, default=448, help="sliding window size")
-    parser.add_argument("--stride", type=int, default=224, help="sliding window stride")
-    parser.add_argument("--short-side", type=int, default=448, help="resize the short side to this before windows")
+    parser.add_argument("--window", type=int, default=None,
+                        help="sliding window size (default: twice the CLIP's input size, 448 for ViT-B/16)")
+    parser.add_argument("--stride", type=int, default=None, help="sliding window stride (default: half the window)")
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="resize the short side to this before windows (default: the window)")
     parser.add_argument("--pamr", action="store_true", help="refine the maps with PAMR")
     parser.add_argument("--heatmap", default="share", choices=["share", "cosine"],
                         help="share: each query's share of the rule's probability (fixed 0-1 scale); cosine: the "
@@ -645,7 +698,7 @@ def main(argv=None):
     queries = [q.strip() for q in args.queries.split(",") if q.strip()]
     try:  # the inputs first, in a second; only then CLIP (which may mean a download)
         for flag in ("window", "stride", "short_side"):
-            if getattr(args, flag) <= 0:
+            if getattr(args, flag) is not None and getattr(args, flag) <= 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
         if not queries:
             raise ValueError("--queries holds no query; give comma-separated texts, e.g. \"brown cat,dog\"")
@@ -655,15 +708,19 @@ def main(argv=None):
             img = Image.open(args.image).convert("RGB")
         except OSError as e:
             raise ValueError(f"cannot read image {args.image} ({e})") from e
-        model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device)  # checks its files first
+        model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device,
+                           clip_model.ACTIVATIONS[args.clip_act])  # checks its files first
+        window = args.window or inference_defaults(model.clip)["window"]
+        check_window(window, model.clip.visual.patch_size)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    print(f"CLIP: {clip_model.describe(model.clip)}", file=sys.stderr)
     text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
     features = feature_fn(model, args.method)
-    kw = dict(window=args.window, stride=args.stride, short_side=args.short_side, clip_weight=args.clip_weight)
+    kw = dict(window=window, stride=args.stride or window // 2, short_side=args.short_side or window,
+              clip_weight=args.clip_weight)
     labels, scores = segment(features, img, text_emb, rule=args.rule, bg_threshold=args.bg_threshold,
                              use_pamr=args.pamr, **kw)
-    _, cosine = segment(features, img, text_emb, rule="cosine", **kw)
 
     has_bg = args.bg_threshold is not None
     if args.heatmap == "share":

@@ -292,7 +292,9 @@ def parse_args(argv=None):
                         "the same 'key' column)")
     p.add_argument("--image-root", default=".", help="folder the CSV's image paths are relative to")
     p.add_argument("--labels", required=True, help="folder with vocab.json and labels.pt from parse_tags.py")
-    p.add_argument("--clip", default="ViT-B/16", help="frozen CLIP: checkpoint path or model name")
+    p.add_argument("--clip", default="ViT-B/16", help="frozen CLIP: a checkpoint path (OpenAI or open_clip) or a "
+                   f"model name ({', '.join(clip_model.MODELS)})")
+    p.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS), help=clip_model.ACTIVATION_HELP)
     p.add_argument("--out", required=True, help="run folder: ckpt.pt, log.txt, tag embedding cache")
     p.add_argument("--steps", type=int, default=30000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=512, help="images per process per micro-step")
@@ -312,8 +314,10 @@ def parse_args(argv=None):
     p.add_argument("--object-weight", type=float, default=1.0, help="weight of the object tag loss (0: off)")
     p.add_argument("--attribute-weight", type=float, default=1.0, help="weight of the attribute tag loss (0: objects only)")
     p.add_argument("--itc-weight", type=float, default=1.0, help="lambda of Eq. 6 (0: no contrastive loss)")
-    p.add_argument("--surgery-layers", type=int, default=6, help="CLIP Surgery on the last N vision blocks")
-    p.add_argument("--image-size", type=int, default=224, help="training crop size")
+    p.add_argument("--surgery-layers", type=int, default=None,
+                   help="CLIP Surgery on the last N vision blocks (default: the last half, 6 of ViT-B's 12)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="training crop size (default: the CLIP's input size, 224; 336 for ViT-L/14@336px)")
     p.add_argument("--no-augment", action="store_true", help="resize + centre crop only (no SPEC augmentation)")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest area share of RandomResizedCrop")
     p.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1",
@@ -331,7 +335,7 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="start afresh even if out/ckpt.pt exists (it is replaced)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "log_every", "save_every", "shuffle_buffer", "image_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.workers < 0 or args.global_batch_size < 0:
         p.error("--workers and --global-batch-size cannot be negative")
@@ -391,7 +395,7 @@ def scaled_lr(lr, global_batch):
 
 
 RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels", "clip",
-                 "surgery_layers", "precision", "tag_loss", "tag_average", "trained_terms")
+                 "clip_act", "surgery_layers", "image_size", "precision", "tag_loss", "tag_average", "trained_terms")
 
 
 def check_resume(saved, current, path):
@@ -407,7 +411,8 @@ def check_resume(saved, current, path):
                 new = f"{len(new)} files, #{diff} = {new[diff] if diff < len(new) else None}"
             raise ValueError(f"--resume: '{field}' differs from the run that wrote {path} ({old} there, {new} now). "
                              "An exact resume needs the same processes, --workers, --batch-size, --global-batch-size, "
-                             "--seed, --shuffle-buffer, data files, labels, CLIP, --surgery-layers, precision, tag "
+                             "--seed, --shuffle-buffer, data files, labels, CLIP and --clip-act, --surgery-layers, "
+                             "--image-size, precision, tag "
                              "loss and switched-off terms; start a new --out to change them")
 
 
@@ -460,7 +465,8 @@ def train(args, rank, world, device):
                                     ("itc", args.itc_weight)) if w]
     run = {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": global_batch,
            "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
-           "labels": labels_fingerprint(args.labels), "clip": args.clip, "surgery_layers": args.surgery_layers,
+           "labels": labels_fingerprint(args.labels), "clip": args.clip, "clip_act": args.clip_act,
+           "surgery_layers": args.surgery_layers, "image_size": args.image_size,
            "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
            "trained_terms": trained_terms}
     ckpt = None
@@ -476,8 +482,14 @@ def train(args, rank, world, device):
 
     torch.manual_seed(args.seed)
     tagalign.fetch_clip_once(args.clip)  # one download per node, not one per rank
-    clip = clip_model.load(args.clip, device=device)
+    clip = clip_model.load(args.clip, device=device, quick_gelu=clip_model.ACTIVATIONS[args.clip_act])
+    # what follows the backbone: crop size (its input size), surgery blocks (its last half), projector width
+    image_size = args.image_size or clip.cfg.image_resolution
+    if image_size % clip.visual.patch_size:
+        raise ValueError(f"--image-size {image_size} is not a multiple of the CLIP's patch size {clip.visual.patch_size}")
     raw_model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=args.surgery_layers)).to(device)
+    print0(f"CLIP {args.clip}: {clip_model.describe(clip)}; surgery on the last {raw_model.cfg.surgery_layers} "
+           f"blocks, crops of {image_size} px")
     tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
     emb = {k: tagalign.tag_embeddings(clip, tags[k], os.path.join(args.out, f"tag_embeddings_{k}.pt") if master else None).to(device)
            for k in ("objects", "attributes") if tags[k]}
@@ -515,7 +527,7 @@ def train(args, rank, world, device):
     if args.compile:
         model = torch.compile(model)
 
-    transform = train_transform(args.image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
+    transform = train_transform(image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
     dataset = CaptionImages(files, labels, transform, rank, world, args.workers, args.shuffle_buffer, args.seed,
                             args.image_root, start, role_offset, csv_input=bool(args.data_csv))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,

@@ -35,7 +35,7 @@ def test_quick_demo_learns(tmp_path):
     truth = evaluate.pil_to_long(Image.open(folder / "labels" / "00000.png"))
     red = truth == classes.index("red")
     assert red.float().mean() > 0.05 and (truth[~red] == 0).all()  # the first picture: one red shape
-    model = tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "clip_tiny.pt"))
+    model = tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "clip_tiny-quickgelu.pt"))
     queries = ["red", "green", "blue", "yellow"]  # demo.QUERIES
     text = tagalign.text_embeddings(model.clip, queries)
     _, scores = tagalign.segment(tagalign.feature_fn(model), Image.open(folder / "images" / "00000.png"), text,

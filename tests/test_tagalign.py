@@ -41,10 +41,10 @@ def test_projector_is_identity_at_init(tiny_clip):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         f_ta, f_clip = model.dense_features(x)
-        tokens, (h, w) = tiny_clip.visual.forward_surgery(x, 6)
+        tokens, (h, w) = tiny_clip.visual.forward_surgery(x, 4)  # the last half of the tiny CLIP's 8 blocks
         expected = tiny_clip.visual.head(tokens[:, 1:]).view(2, h, w, -1)
         f, z = model(x)
-    assert f_ta.shape == (2, 4, 6, 64)
+    assert model.cfg.surgery_layers == 4 and f_ta.shape == (2, 4, 6, 64)
     assert torch.allclose(f_ta, expected, atol=1e-6) and torch.allclose(f_clip, expected, atol=1e-6)
     assert torch.allclose(z, expected.mean((1, 2)), atol=1e-6)
     patches = torch.randn(1, 128, 3, 5)
@@ -536,3 +536,43 @@ def test_clip_is_fetched_once_per_node_before_any_rank_loads_it(tmp_path):
     mp.spawn(_fetch_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     events = (tmp_path / "events.txt").read_text().splitlines()
     assert events[0] == "download ViT-B/16 by 0" and sorted(events[1:]) == ["loaded by 0", "loaded by 1"], events
+
+
+# ---------------------------------------------------------------------------------------------- other backbones
+
+def test_settings_follow_the_backbone():
+    """Hand-computed: the window is twice the CLIP's input size; the authors' ViT-B/16 strides at 448 are kept
+    exactly (56 = 3.5 patches); other backbones keep the fraction of the window in whole patches."""
+    assert tagalign.inference_defaults(clip_model.CLIP(TINY)) == {"window": 128, "short_side": 128}
+    with torch.device("meta"):
+        l14_336 = clip_model.CLIP(clip_model.CLIPConfig(image_resolution=336, vision_patch_size=14, vision_layers=1,
+                                                        transformer_layers=1))
+    assert tagalign.inference_defaults(l14_336) == {"window": 672, "short_side": 672}
+    cases = {(56, 448, 16): 56, (112, 448, 16): 112, (224, 448, 16): 224,  # authors' values untouched
+             (56, 448, 32): 64, (112, 448, 32): 128, (224, 448, 32): 224,  # B/32: whole patches
+             (56, 448, 14): 56, (112, 448, 14): 112, (56, 672, 14): 84, (112, 672, 14): 168, (224, 672, 14): 336,
+             (56, 224, 16): 32}  # B/16 with a smaller window: 28 -> the nearest whole patch
+    for (stride, window, patch), expected in cases.items():
+        got = tagalign.scaled_stride(stride, window, patch)
+        assert got == expected and (got % patch == 0 or (patch, window) == (16, 448)), (stride, window, patch, got)
+    tagalign.check_window(448, 14)
+    with pytest.raises(ValueError, match="not a multiple of the CLIP's patch size 14; use 434 or 448"):
+        tagalign.check_window(440, 14)
+
+
+def test_projector_and_surgery_follow_an_l14_backbone():
+    """An L/14-shaped CLIP (width 1024, embedding 768, patch 14; 4 blocks for speed): the projector is 1024 wide,
+    the trainable proj copy is (1024, 768), surgery takes the last 2 blocks, and the untrained model is exactly
+    the CLIP Surgery baseline on 14-px patches."""
+    cfg = clip_model.CLIPConfig(embed_dim=768, image_resolution=56, vision_layers=4, vision_width=1024,
+                                vision_patch_size=14, transformer_width=128, transformer_heads=2, transformer_layers=1)
+    clip = clip_model.build_model(random_state_dict(cfg, seed=4))
+    model = tagalign.TagAlign(clip)
+    shapes = {k: tuple(v.shape) for k, v in model.trainable_state_dict().items()}
+    assert model.cfg.surgery_layers == 2
+    assert shapes["projector.blocks.0.0.conv.weight"] == (1024, 1024, 3, 3) and shapes["proj"] == (1024, 768)
+    x = torch.randn(1, 3, 56, 84)
+    with torch.no_grad():
+        f, _ = model.dense_features(x)
+        assert f.shape == (1, 4, 6, 768)
+        assert torch.allclose(f, tagalign.baseline_features(clip, x, "surgery"), atol=1e-5)

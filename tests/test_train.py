@@ -357,7 +357,7 @@ def test_accumulation_gradient_is_the_formula(setup, tmp_path, monkeypatch, aver
 
     torch.manual_seed(0)  # what train.py does before building the model: the same projector init
     clip = clip_model.load(str(setup / "clip.pt"))
-    model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=6)).train()
+    model = tagalign.TagAlign(clip).train()  # train.py's default: surgery on the last half
     vocab = json.load(open(setup / "labels" / "vocab.json"))
     labels = parse_tags.LabelTable(str(setup / "labels" / "labels.pt"))
     transform = train.train_transform(64, False)
@@ -486,3 +486,42 @@ def test_undecodable_data_stops_instead_of_waiting_forever(setup, tmp_path):
     dataset = train.CaptionImages([str(tmp_path / "empty.tar")], None, train.train_transform(64, False))
     with pytest.raises(RuntimeError, match="gave worker 0 no complete sample"):
         next(iter(dataset))
+
+
+def test_a_patch_14_backbone_trains_and_segments_with_its_own_defaults(setup, tmp_path, capsys):
+    """A ViT-L/14-like CLIP (patch 14, 56 px input, 4 blocks; QuickGELU, said by its file name): train.py with no
+    --image-size and no --surgery-layers crops at 56 px and runs surgery on the last 2 blocks; the checkpoint
+    records both and the activation, which a renamed copy of the CLIP (no hint in its name) then inherits; the
+    single-image command's default window is 112 (2 x 56, a multiple of 14)."""
+    from PIL import Image
+    cfg = clip_model.CLIPConfig(embed_dim=64, image_resolution=56, vision_layers=4, vision_width=128,
+                                vision_patch_size=14, transformer_width=128, transformer_heads=2, transformer_layers=2)
+    sd = random_state_dict(cfg, seed=6)
+    torch.save(sd, tmp_path / "l14-like-quickgelu.pt")
+    torch.save(sd, tmp_path / "renamed.pt")
+    args = base_args(setup, tmp_path / "run", **{"--clip": tmp_path / "l14-like-quickgelu.pt", "--steps": 2})
+    i = args.index("--image-size")
+    train.main(args[:i] + args[i + 2:])
+    log = capsys.readouterr().out
+    assert "QuickGELU ('quickgelu' in its name)" in log and "surgery on the last 2 blocks, crops of 56 px" in log
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["surgery_layers"] == 2 and ckpt["clip_quick_gelu"] is True
+
+    model = tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "renamed.pt"))
+    assert model.clip.cfg.quick_gelu and model.clip.activation == "QuickGELU (recorded in the TagAlign checkpoint)"
+    with pytest.raises(ValueError, match="trained on a CLIP with QuickGELU.*pass --clip-act quickgelu"):
+        tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "renamed.pt"), quick_gelu=False)
+
+    Image.open(io.BytesIO(samples(1)[0][1])).save(tmp_path / "photo.png")
+    calls = []
+    real = tagalign.sliding_scores
+    tagalign.sliding_scores = lambda *a, **kw: calls.append(a[3:5] or (kw["window"], kw["stride"])) or real(*a, **kw)
+    try:
+        tagalign.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--image", str(tmp_path / "photo.png"),
+                       "--queries", "circle,square", "--out-dir", str(tmp_path / "fig"), "--device", "cpu"])
+    finally:
+        tagalign.sliding_scores = real
+    assert calls and set(calls) == {(112, 56)} and (tmp_path / "fig" / "figure.png").is_file()
+    with pytest.raises(SystemExit, match="--window 100 is not a multiple of the CLIP's patch size 14; use 98 or 112"):
+        tagalign.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--image", str(tmp_path / "photo.png"),
+                       "--queries", "circle", "--window", "100", "--device", "cpu"])
