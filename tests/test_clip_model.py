@@ -161,6 +161,7 @@ def test_torchscript_archive_path(tmp_path, tiny_state_dict):
     assert all(p.dtype == torch.float32 for p in ours.parameters())
 
 
+@pytest.mark.slow  # ~30 s; the format is covered by the tiny archive above, the B/16 shapes by the parity test
 def test_torchscript_archive_path_vitb16(tmp_path, vitb16_state_dict):
     """The same through a TorchScript archive with the real ViT-B/16 shapes."""
     path = tmp_path / "ViT-B-16.pt"
