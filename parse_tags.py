@@ -12,6 +12,9 @@ Run:
     # 2. combine the shard outputs, 3. build the vocabulary (paper: 10,000 tags) and the labels
     python parse_tags.py merge --out tags/
     python parse_tags.py vocab --out tags/ --num-objects 10000 --num-attributes 10000
+    # or, instead of 1-3: the authors' released CC12M object tags, joined with the shards through each sample's URL
+    python parse_tags.py import --tags object_list.csv --index CC12M_url_object_index.json \
+        --shards 'cc12m/{00000..01242}.tar' --out tags/
 
 Decoding is batched (BatchTagger: continuous batching over --parallel sequences with llama.cpp's low-level API,
 one grammar state per sequence, the prompt prefix evaluated once); answers are one compact line
@@ -20,7 +23,8 @@ one grammar state per sequence, the prompt prefix evaluated once); answers are o
 Files in --out: parsed.{i}-of-{n}.jsonl (append-only, one record per sample key: {"key", "h", "objects",
 "attributes"} or {"key", "h", "error", "raw"}), errors.{i}-of-{n}.jsonl (bad input shards), parsed.jsonl (merged),
 vocab.json (tags with counts and frequencies f_k = samples with tag k / samples), labels.pt (per-sample indices,
-CSR layout: a few bytes per tag, loads in seconds for 12 M samples).
+CSR layout: a few bytes per tag, loads in seconds for 12 M samples). `import` writes the same vocab.json and
+labels.pt (objects only, in the released list's order) and errors.import.jsonl (unreadable shards).
 """
 import argparse
 import ctypes
@@ -1108,9 +1112,6 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000):
         vocab[kind] = [{"tag": t, "count": c, "freq": c / n} for t, c in top]
     vocab["num_samples"] = n
     del counts
-    with open(os.path.join(out_dir, "vocab.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False, indent=1)
-    os.replace(os.path.join(out_dir, "vocab.json.tmp"), os.path.join(out_dir, "vocab.json"))
 
     # img2dataset keys are fixed-width digits (strings sort as the numbers do): an int64 tensor (searchsorted)
     # instead of 12 M Python strings
@@ -1130,17 +1131,33 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000):
             idx.extend(ids)
             ends[kind] += len(ids)
             offs.append(ends[kind])
-    table = {"num_samples": n, "vocab_size": {}, "tags": {},
-             "keys": _tensor(int_keys, torch.int64) if numeric else str_keys.getvalue(),
-             "key_width": width if numeric else 0}
-    for kind in index:
-        table["tags"][kind] = [e["tag"] for e in vocab[kind]]
-        table[kind + "_offsets"] = _tensor(offsets[kind], torch.int64)
-        table[kind + "_indices"] = _tensor(indices[kind], torch.int32)
-    torch.save(table, os.path.join(out_dir, "labels.pt.tmp"))
-    os.replace(os.path.join(out_dir, "labels.pt.tmp"), os.path.join(out_dir, "labels.pt"))
+    keys = _tensor(int_keys, torch.int64) if numeric else str_keys.getvalue()
+    table = save_labels(out_dir, vocab, keys, width if numeric else 0,
+                        {kind: _tensor(offsets[kind], torch.int64) for kind in index},
+                        {kind: _tensor(indices[kind], torch.int32) for kind in index})
     return {"samples": n, "objects": len(vocab["objects"]), "attributes": len(vocab["attributes"]),
             "samples_with_objects": int((table["objects_offsets"].diff() > 0).sum())}
+
+
+def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
+    """Write vocab.json and labels.pt (each to a temporary file, then renamed: a crash leaves the old file, never
+    half a file) and return the labels table. keys: sorted int64 tensor of fixed-width digit keys (key_width
+    digits) or one '\\n'-joined string (key_width 0); offsets/indices: {kind: int64 / int32 tensor}, CSR rows in
+    key order."""
+    path = os.path.join(out_dir, "vocab.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False, indent=1)
+    os.replace(path + ".tmp", path)
+    table = {"num_samples": vocab["num_samples"], "vocab_size": {},
+             "tags": {kind: [e["tag"] for e in vocab[kind]] for kind in ("objects", "attributes")},
+             "keys": keys, "key_width": key_width}
+    for kind in ("objects", "attributes"):
+        table[kind + "_offsets"] = offsets[kind]
+        table[kind + "_indices"] = indices[kind]
+    path = os.path.join(out_dir, "labels.pt")
+    torch.save(table, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return table
 
 
 def _tensor(arr, dtype):
@@ -1181,6 +1198,371 @@ class LabelTable:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The authors' released tags: object_list.csv + CC12M_url_object_index.json -> vocab.json + labels.pt
+
+# First-row words that mark a header in a one-column tag list (with several columns, a non-number above a column
+# of numbers marks it too); --tags-header yes/no decides when a real list starts with one of these words.
+TAG_HEADER_WORDS = {"name", "names", "tag", "tags", "tag_name", "object", "objects", "object_name", "label", "labels",
+                    "class", "classes", "class_name", "category", "categories", "text", "word", "words", "noun"}
+INDEX_CHUNK = 1 << 20       # bytes of the URL index read at a time
+MAX_INDEX_ENTRY = 1 << 20   # an index entry ("url": [tag indices]) this long is not an entry: malformed input
+IMPORT_BATCH = 1 << 16      # index entries hashed and looked up together (numpy, not per-entry Python)
+MAX_OUT_OF_RANGE = 0.01     # a larger share of index entries with tag indices outside the CSV: mismatched files
+_SPACE = re.compile(rb"[ \t\r\n]*")
+# One entry of the index's top-level object and the separator after it: "url": [int, ...] then "," or "}".
+# The string pattern is JSON's (escapes are decoded afterwards); the list holds no bracket, brace or quote, and
+# int() checks that the rest is integers.
+_INDEX_ENTRY = re.compile(rb'[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"[ \t\r\n]*:[ \t\r\n]*\[([^\][{}"]*)\][ \t\r\n]*([,}])')
+
+
+def _is_int(text):
+    return re.fullmatch(r"\s*[+-]?\d+\s*", text) is not None
+
+
+def read_tag_names(path, column=None, header="auto"):
+    """object_list.csv -> (tag names in index order, {how the file was read}). The row position (after any
+    header) is the tag index: the authors' code sets label[indices] = 1 in a K-vector whose rows follow this
+    list, so the index's tag indices are 0-based row numbers. Tolerant of the shape: comma, tab or semicolon
+    separated, a header row or none (header='auto' decides; 'yes'/'no' say), one column or several; the names
+    are the one column that is not all integers (or `column`: a header name or a 0-based number). An integer
+    column that numbers the rows in another order is refused rather than silently ignored."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    try:
+        delimiter = csv.Sniffer().sniff(text[:65536], delimiters=",\t;").delimiter
+    except csv.Error:  # one column: nothing to sniff
+        delimiter = "\t" if path.endswith(".tsv") else ","
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    while rows and not any(cell.strip() for cell in rows[-1]):
+        rows.pop()
+    if not rows:
+        raise ValueError(f"{path}: no rows; expected the tag names, one per row in index order")
+    width = max(len(r) for r in rows)
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    below = rows[1:] or rows
+
+    def all_ints(col, rs):
+        return all(_is_int(r[col]) for r in rs)
+
+    if header == "auto":
+        first = [cell.strip().lower() for cell in rows[0]]
+        has_header = (len(rows) > 1 and any(all_ints(c, below) and not _is_int(rows[0][c]) for c in range(width))
+                      or (column is not None and not str(column).isdigit() and str(column).lower() in first)
+                      or any(cell in TAG_HEADER_WORDS for cell in first))
+    else:
+        has_header = header == "yes"
+    names_row = rows[0] if has_header else None
+    data = rows[1:] if has_header else rows
+    if not data:
+        raise ValueError(f"{path}: only a header row ({rows[0]}); expected the tag names below it")
+    shape = f"{len(rows)} rows of {width} column(s), first row {rows[0]}"
+    if column is not None:
+        if str(column).isdigit() and int(column) < width:
+            col = int(column)
+        elif names_row and column in names_row:
+            col = names_row.index(column)
+        else:
+            raise ValueError(f"{path}: no column {column!r} ({shape}); give --tag-column a header name or a "
+                             "0-based column number")
+    else:
+        text_cols = [c for c in range(width) if not all_ints(c, data)]
+        if len(text_cols) > 1 and names_row:  # several text columns: one whose header names it
+            text_cols = [c for c in text_cols if names_row[c].strip().lower() in TAG_HEADER_WORDS] or text_cols
+        if len(text_cols) != 1:
+            what = "no column of names (every column is integers)" if not text_cols else \
+                f"several text columns {text_cols}, none of them named like a tag column"
+            raise ValueError(f"{path}: {what} ({shape}); say which with --tag-column NAME|NUMBER")
+        col = text_cols[0]
+    K = len(data)
+    for c in range(width):
+        if c != col and all_ints(c, data):
+            numbers = [int(r[c]) for r in data]
+            if sorted(numbers) in (list(range(K)), list(range(1, K + 1))) and numbers != sorted(numbers):
+                raise ValueError(f"{path}: column {c} numbers the tags in another order than the rows; the row "
+                                 "order is the tag index here, so sort the file by that column first")
+    names = [r[col].strip() for r in data]
+    for i, name in enumerate(names):
+        if not name:
+            raise ValueError(f"{path}: line {i + 1 + has_header} has no tag name in column {col}; every row is one "
+                             "tag index, so a blank one would shift every later tag")
+    info = {"file": path, "tags": K, "column": col, "header": names_row,
+            "duplicate_names": K - len(set(names))}
+    return names, info
+
+
+def read_url_index(path, chunk_size=INDEX_CHUNK):
+    """Yield (URL as UTF-8 bytes, [tag indices]) from a JSON object {"url": [int, ...], ...}, reading chunk_size
+    bytes at a time: memory is one chunk plus one entry, whatever the file's size (the released index has ~10 M
+    URLs). Any whitespace, escapes in the URLs (decoded as JSON does) and an empty object are fine; anything else
+    raises ValueError naming the byte offset."""
+    with open(path, "rb") as f:
+        buf, pos, base, eof = b"", 0, 0, False  # base: the file offset of buf[0]
+
+        def refill():
+            nonlocal buf, pos, base, eof
+            chunk = f.read(chunk_size)
+            eof = not chunk
+            base += pos
+            buf, pos = buf[pos:] + chunk, 0
+
+        def peek():  # the next non-space byte (b"" at the end of the file); pos moves onto it
+            nonlocal pos
+            while True:
+                pos = _SPACE.match(buf, pos).end()
+                if pos < len(buf) or eof:
+                    return buf[pos:pos + 1]
+                refill()
+
+        def fail(what):
+            near = buf[pos:pos + 60].decode("utf-8", errors="replace")
+            raise ValueError(f"{path}: byte {base + pos}: {what} (near {near!r}); expected one JSON object "
+                             '{"image url": [tag index, ...], ...} as in the released CC12M_url_object_index.json')
+
+        refill()
+        if buf.startswith(b"\xef\xbb\xbf"):
+            pos = 3
+        if peek() != b"{":
+            fail("not a JSON object")
+        pos += 1
+        if peek() == b"}":
+            pos += 1
+        else:
+            while True:
+                m = _INDEX_ENTRY.match(buf, pos)
+                if m is None:
+                    if not eof and len(buf) - pos < MAX_INDEX_ENTRY:
+                        refill()  # the entry continues in the next chunk
+                        continue
+                    pos = _SPACE.match(buf, pos).end()
+                    fail('expected "url": [integers] followed by , or }')
+                url, ids = m.group(1), m.group(2)
+                try:
+                    if b"\\" in url:
+                        url = json.loads(b'"' + url + b'"').encode("utf-8", "surrogatepass")
+                    ids = [int(x) for x in ids.split(b",")] if ids.strip() else []
+                except ValueError:  # json.JSONDecodeError is one
+                    pos = _SPACE.match(buf, pos).end()
+                    fail("a bad escape in the URL or a tag index that is not an integer")
+                pos = m.end()
+                yield url, ids
+                if m.group(3) == b"}":
+                    break
+        if peek() != b"":
+            fail("more data after the end of the object")
+
+
+def url_hash(url):
+    """64-bit identity of a URL (UTF-8 bytes): 8 bytes in numpy arrays instead of a Python string per URL.
+    A collision between two of 10 M URLs has probability ~3e-6."""
+    return hashlib.blake2b(url, digest_size=8).digest()
+
+
+def shard_metadata(path):
+    """Yield (key, url or None, status or None) for each sample of an img2dataset shard, without reading images:
+    from `{shard}.parquet` beside `{shard}.tar` when pyarrow is installed (one columnar read), else from the tar's
+    `{key}.json` members (other members are skipped by a seek). Also yields (key, False, None) once for a key that
+    has members but no .json (no URL to match). Raises on a corrupt shard after yielding what it could read."""
+    parquet = path[:-4] + ".parquet"
+    if path.endswith(".tar") and os.path.isfile(parquet) and importlib.util.find_spec("pyarrow"):
+        import pyarrow.parquet as pq
+        names = pq.read_schema(parquet).names
+        table = pq.read_table(parquet, columns=[c for c in ("key", "url", "status") if c in names]).to_pydict()
+        if "key" not in table or "url" not in table:
+            raise ValueError(f"{parquet} has no 'key' and 'url' columns (columns: {names})")
+        yield from zip(table["key"], table["url"], table.get("status") or [None] * len(table["key"]))
+        return
+    with tarfile.open(path) as tar:  # random access: members that are not read are seeked over
+        others, metadata = set(), set()
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition(".")  # train.py's key: the member name without its extension
+            if ext.lower() != "json":
+                others.add(key)
+                continue
+            meta = json.loads(tar.extractfile(member).read())
+            metadata.add(key)
+            yield key, meta.get("url") if isinstance(meta, dict) else None, \
+                meta.get("status") if isinstance(meta, dict) else None
+        for key in sorted(others - metadata):
+            yield key, False, None
+
+
+def _shard_urls(path):
+    """One shard's samples for read_shard_urls (a worker process's job): (path, keys, their URLs' url_hash,
+    which keys have a URL (one byte each), counts, error message or None). Samples whose status is not success
+    (the parquet lists failed downloads too) are not samples. On a read error, what was read before it is kept
+    (train.py reads that much of the shard too)."""
+    keys, hashes, with_url, counts, error = [], bytearray(), bytearray(), Counter(), None
+    try:
+        for key, url, status in shard_metadata(path):
+            if url is False:
+                counts["without_metadata"] += 1
+            elif status is not None and status != "success":
+                counts["not_success"] += 1
+            else:
+                keys.append(str(key))
+                with_url.append(bool(url))
+                if url:
+                    hashes += url_hash(str(url).encode("utf-8", "surrogatepass"))
+                else:
+                    counts["without_url"] += 1
+    except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    return path, keys, bytes(hashes), bytes(with_url), counts, error
+
+
+def read_shard_urls(files, report_bad, workers=1):
+    """The shards' samples, in file order: (keys, key_width, hashes, rows, counts). keys: int64 array when every
+    key is fixed-width digits (img2dataset's; key_width digits), else a list of str (key_width 0); hashes/rows:
+    url_hash of each sample's URL and its position in keys (samples without a URL have none). workers > 1 reads
+    that many shards at a time in worker processes (tarfile's header parsing is the cost: ~20k samples/s a
+    core). A shard that fails to read is reported through report_bad(file, error)."""
+    int_keys, str_keys, width = array("q"), None, None
+    hashes, rows = bytearray(), []
+    counts = Counter(not_success=0, without_url=0, without_metadata=0, bad_shards=0)
+    pool = None
+    if workers > 1 and len(files) > 1:
+        import multiprocessing
+        pool = multiprocessing.get_context().Pool(min(workers, len(files)))
+    try:
+        for path, keys, shard_hashes, with_url, shard_counts, error in \
+                (pool.imap(_shard_urls, files) if pool else map(_shard_urls, files)):
+            if error:
+                counts["bad_shards"] += 1
+                report_bad(path, error)
+            counts.update(shard_counts)
+            first = len(int_keys) if str_keys is None else len(str_keys)
+            for key in keys:
+                if str_keys is None:
+                    width = len(key) if width is None else width
+                    if key.isdigit() and len(key) == width:
+                        int_keys.append(int(key))
+                        continue
+                    # not img2dataset's keys: strings from here on, as build_vocab does
+                    str_keys, int_keys = [str(k).zfill(width) for k in int_keys], None
+                str_keys.append(key)
+            hashes += shard_hashes
+            rows.append(np.flatnonzero(np.frombuffer(with_url, dtype=np.uint8)) + first)
+    finally:
+        if pool:
+            pool.terminate()
+    keys, width = (np.frombuffer(int_keys, dtype=np.int64), width or 0) if str_keys is None else (str_keys, 0)
+    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return keys, width, np.frombuffer(hashes, dtype=np.uint64), rows, dict(counts)
+
+
+def _labels_for_entries(batch, sorted_hashes, sorted_rows, K):
+    """One batch of index entries (url hashes, list lengths, flat tag indices) joined with the shard samples:
+    (row << 32 | tag) pairs, entries found, entries with out-of-range indices, smallest and largest index."""
+    h = np.frombuffer(batch[0], dtype=np.uint64)
+    lengths = np.frombuffer(batch[1], dtype=np.int64)
+    ids = np.frombuffer(batch[2], dtype=np.int64)
+    entry_of = np.repeat(np.arange(len(h)), lengths)
+    bad = (ids < 0) | (ids >= K)
+    left = np.searchsorted(sorted_hashes, h, "left")
+    matches = np.searchsorted(sorted_hashes, h, "right") - left
+    one = (matches == 1)[entry_of] & ~bad  # the usual case, vectorised: an index URL held by one sample
+    pairs = [sorted_rows[left[entry_of[one]]] << 32 | ids[one]]
+    starts = np.cumsum(lengths) - lengths
+    for e in np.flatnonzero(matches > 1):  # a URL downloaded as several samples: each gets the tags
+        tags = ids[starts[e]:starts[e] + lengths[e]]
+        tags = tags[(tags >= 0) & (tags < K)]
+        pairs += [sorted_rows[j] << 32 | tags for j in range(left[e], left[e] + matches[e])]
+    bounds = (int(ids.min()), int(ids.max())) if len(ids) else None
+    return pairs, int((matches > 0).sum()), len(np.unique(entry_of[bad])), bounds
+
+
+def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_column=None, tags_header="auto",
+                workers=1):
+    """The authors' released object tags -> vocab.json + labels.pt for train.py, no parsing: each shard sample's
+    URL (from its metadata) is looked up in the index, and the URL's tag indices become the sample's object
+    labels. The vocabulary is the CSV's K tags in the CSV's order (label index i is the authors' tag i), each kept
+    even when no sample has it (a model trained on the part of CC12M still reachable keeps the authors' K-tag
+    list; train.py's balanced loss gives a zero-frequency tag no weight); counts and frequencies are over the
+    shard samples. No attributes: the authors released none. Memory: about 24 bytes per shard sample and 8 per
+    (sample, tag) pair, one index chunk, never a Python string per URL. Returns the report (counts)."""
+    names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
+    K = len(names)
+    os.makedirs(out_dir, exist_ok=True)
+    keys, width, hashes, rows, counts = read_shard_urls(shard_files, report_bad, workers)
+    if not len(keys):
+        raise ValueError(f"no samples with metadata in {len(shard_files)} shard(s) (e.g. {shard_files[0]}); expected "
+                         "img2dataset shards with {key}.json members (or {shard}.parquet beside each tar)")
+    if not len(hashes):
+        raise ValueError(f"none of the {len(keys):,} shard samples has a 'url' in its metadata; the index is keyed "
+                         "by URL, so nothing can be matched")
+    # one row per distinct key, in key order (LabelTable's); a key seen twice gets the union of its tags
+    samples_read = len(keys)
+    keys, inverse = np.unique(np.asarray(keys), return_inverse=True)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes, sorted_rows = hashes[order], inverse.reshape(-1)[rows[order]]
+    del order, inverse, rows, hashes
+
+    entries = found = bad_entries = 0
+    lo, hi, first_url, pairs = None, None, None, []
+
+    def join(batch):
+        nonlocal found, bad_entries, lo, hi
+        new, n_found, n_bad, bounds = _labels_for_entries(batch, sorted_hashes, sorted_rows, K)
+        pairs.extend(new)
+        found, bad_entries = found + n_found, bad_entries + n_bad
+        if bounds:
+            lo = bounds[0] if lo is None else min(lo, bounds[0])
+            hi = bounds[1] if hi is None else max(hi, bounds[1])
+
+    batch = (bytearray(), array("q"), array("q"))
+    for url, tags in read_url_index(index_path):
+        first_url = first_url or url
+        entries += 1
+        batch[0].extend(url_hash(url))
+        batch[1].append(len(tags))
+        try:
+            batch[2].extend(tags)
+        except OverflowError:
+            raise ValueError(f"{index_path}: tag index {max(tags)} of {url[:120]!r} does not fit 64 bits") from None
+        if len(batch[1]) == IMPORT_BATCH:
+            join(batch)
+            batch = (bytearray(), array("q"), array("q"))
+    join(batch)
+    if bad_entries > MAX_OUT_OF_RANGE * entries:
+        raise ValueError(f"{bad_entries:,} of {entries:,} index entries have tag indices outside 0..{K - 1} (seen "
+                         f"{lo}..{hi}) but {tags_path} has {K} tags: the tag list does not belong to this index "
+                         "(or was read with a wrong header/column: see --tags-header, --tag-column)")
+    if found == 0:
+        key = str(keys[0]).zfill(width)
+        url = first_url.decode("utf-8", "replace")[:120] if first_url else None
+        raise ValueError(f"none of the {entries:,} index URLs (e.g. {url!r}) is the URL of any of the "
+                         f"{len(keys):,} shard samples (the 'url' in {key}.json): were these shards downloaded from "
+                         "the URLs of this index?")
+
+    pairs = np.concatenate(pairs)
+    pairs.sort()
+    if len(pairs):  # a tag listed twice for one URL, or two entries for one sample, counts once
+        pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+    n = len(keys)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pairs >> 32, minlength=n), out=offsets[1:])
+    indices = (pairs & 0xFFFFFFFF).astype(np.int32)
+    del pairs
+    tag_counts = np.bincount(indices, minlength=K).tolist()
+    vocab = {"objects": [{"tag": t, "count": c, "freq": c / n} for t, c in zip(names, tag_counts)],
+             "attributes": [], "num_samples": n}
+    save_labels(out_dir, vocab, torch.from_numpy(keys) if width else "\n".join(keys.tolist()), width,
+                {"objects": torch.from_numpy(offsets), "attributes": torch.zeros(n + 1, dtype=torch.int64)},
+                {"objects": torch.from_numpy(indices), "attributes": torch.zeros(0, dtype=torch.int32)})
+    untagged = int((offsets[1:] == offsets[:-1]).sum())
+    return {"tags": K, "tag_column": csv_info["column"], "tag_header": csv_info["header"],
+            "duplicate_tag_names": csv_info["duplicate_names"], "index_urls": entries, "index_urls_found": found,
+            "index_urls_found_pct": round(100 * found / max(entries, 1), 2),
+            "index_entries_out_of_range": bad_entries, "index_range": [lo, hi], "shards": len(shard_files),
+            "bad_shards": counts["bad_shards"], "samples": n, "samples_without_tags": untagged,
+            "samples_without_tags_pct": round(100 * untagged / n, 2), "samples_without_url": counts["without_url"],
+            "duplicate_keys": samples_read - n, "not_success_skipped": counts["not_success"],
+            "keys_without_metadata": counts["without_metadata"], "tags_without_samples": tag_counts.count(0)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 def count_samples(files):
@@ -1199,9 +1581,19 @@ def count_samples(files):
     return total
 
 
+def bad_file_reporter(errors_path):
+    """report_bad(path, error) for the readers: a line on stderr and a JSONL record in errors_path."""
+    def report_bad(path, error):
+        print(f"\nbad input file skipped: {path}: {error}", file=sys.stderr)
+        with open(errors_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"file": path, "error": error}) + "\n")
+    return report_bad
+
+
 def main():
     parser = argparse.ArgumentParser(description="LLM tag parsing for TagAlign")
-    parser.add_argument("command", choices=["parse", "merge", "vocab"], help="parse captions, merge shards, build vocab")
+    parser.add_argument("command", choices=["parse", "merge", "vocab", "import"],
+                        help="parse captions, merge shards, build vocab; or import the authors' released tags")
     parser.add_argument("--out", required=True, help="output folder (results, vocab.json, labels.pt)")
     parser.add_argument("--input", nargs="+", default=[], help="caption files: .tar shards, .jsonl, .csv/.tsv; globs and {a..b} braces")
     parser.add_argument("--caption-column", default="caption", help="caption column/field name (or 0-based index)")
@@ -1228,9 +1620,37 @@ def main():
     parser.add_argument("--retry-failures", action="store_true", help="on resume, parse again the recorded failures")
     parser.add_argument("--num-objects", type=int, default=10000, help="object vocabulary size K")
     parser.add_argument("--num-attributes", type=int, default=10000, help="attribute vocabulary size K")
+    parser.add_argument("--tags", help="import: the authors' object_list.csv (tag names, one row per tag index)")
+    parser.add_argument("--index", help="import: the authors' CC12M_url_object_index.json ({url: [tag indices]})")
+    parser.add_argument("--shards", nargs="+", default=[],
+                        help="import: img2dataset .tar shards whose {key}.json (or {shard}.parquet) gives each "
+                        "sample's url; globs and {a..b} braces")
+    parser.add_argument("--tag-column", default=None,
+                        help="import: the column of --tags holding the names, a header name or 0-based number "
+                        "(default: the one column that is not all integers)")
+    parser.add_argument("--tags-header", choices=["auto", "yes", "no"], default="auto",
+                        help="import: whether --tags starts with a header row (auto: a word like 'name' or 'tag', "
+                        "or a non-number above a column of numbers)")
+    parser.add_argument("--workers", type=int, default=default_threads(),
+                        help="import: shards read at a time, in worker processes (default: the cores this process "
+                        "may use)")
     args = parser.parse_args()
 
     try:
+        if args.command == "import":
+            if not (args.tags and args.index and args.shards):
+                raise ValueError("import needs --tags object_list.csv, --index CC12M_url_object_index.json and "
+                                 "--shards 'cc12m/*.tar'")
+            report = import_tags(args.tags, args.index, input_files(args.shards), args.out,
+                                 bad_file_reporter(os.path.join(args.out, "errors.import.jsonl")),
+                                 args.tag_column, args.tags_header, args.workers)
+            print(json.dumps(report))
+            print(f"imported {report['tags']:,} tags: {report['index_urls_found']:,} of {report['index_urls']:,} "
+                  f"index URLs found in the shards ({report['index_urls_found_pct']}%); {report['samples']:,} shard "
+                  f"samples, {report['samples_without_tags']:,} without tags ({report['samples_without_tags_pct']}%); "
+                  f"{report['tags_without_samples']:,} tags on no sample; {report['index_entries_out_of_range']:,} "
+                  f"index entries with out-of-range tag indices -> {args.out}/vocab.json, labels.pt", file=sys.stderr)
+            return
         if args.command == "merge":
             print(json.dumps(merge(args.out)))
             return
@@ -1251,14 +1671,8 @@ def main():
                               n_gpu_layers=args.n_gpu_layers, max_tokens=args.max_tokens)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
-    errors_path = os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl")
     os.makedirs(args.out, exist_ok=True)
-
-    def report_bad(path, error):
-        print(f"\nbad input file skipped: {path}: {error}", file=sys.stderr)
-        with open(errors_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"file": path, "error": error}) + "\n")
-
+    report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
     read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header)
     total = count_samples(files)
     if total is not None and len(files) < num_shards:
