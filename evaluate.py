@@ -5,8 +5,9 @@ segmentation on RefCOCO/+/g (REFCOCO.md), self-contained: no mmcv, mmseg or pyco
 Run:
     python evaluate.py --checkpoint runs/tagalign/ckpt.pt --dataset voc --data-root data/
     python evaluate.py --checkpoint ckpt.pt --datasets all --data-root data/ --pamr
-    torchrun --nproc_per_node=8 evaluate.py --checkpoint ckpt.pt --datasets all --data-root data/
+    torchrun --nproc_per_node=8 evaluate.py --checkpoint ckpt.pt --methods all --datasets all --data-root data/
     python evaluate.py --method naclip --clip ViT-B/16 --dataset ade --data-root data/      # a training-free baseline
+    python evaluate.py --methods baselines --datasets all --data-root data/        # every baseline, no checkpoint
     python evaluate.py --checkpoint ckpt.pt --dataset refcoco --data-root data/refer/data/
 
 Datasets (folder under --data-root, as mmseg prepares them): voc, voc20 (VOCdevkit/VOC2012), context, context59
@@ -19,6 +20,11 @@ original image; background (class 0 of voc, context, coco_object, imagenet_s*) w
 dataset's threshold. mIoU = mean over classes of TP / (TP + FP + FN) summed over the dataset (classes absent from
 both prediction and ground truth are skipped, as mmseg does).
 RefCOCO/+/g (our protocol; the authors released none): each expression itself is the text query, no template.
+Several methods (--methods a,b,...): each image is decoded once and segmented by every method, all on the one CLIP;
+the output is one table, methods x datasets with their mean, printed with the settings that produced it (per
+dataset: background threshold, stride, window, short side; run-wide: rule, clip weight, templates, PAMR, CLIP,
+checkpoint, --limit, processes, code version, and the command that reruns it) and written beside results.json
+(every method's per-class detail) as results.csv and results.md.
 Files, layouts and flags are checked before CLIP is loaded. Under torchrun each process takes GPU LOCAL_RANK
 (tagalign.init_distributed); images are split over ranks and every collective goes through the backend's device.
 """
@@ -27,6 +33,8 @@ import json
 import math
 import os
 import pickle
+import shlex
+import subprocess
 import sys
 import time
 
@@ -186,9 +194,15 @@ def gather_dicts(d):
     return {k: v for part in parts for k, v in sorted(part.items())}
 
 
-def settings(name, args, classes):
-    """Per-dataset defaults of SPEC section 7, overridden by flags. The `folder` dataset has a background class
-    when classes.txt starts with 'background' (threshold 0.5 unless given) and a stride of half the window."""
+def settings(name, args, classes=None):
+    """Everything that changes one dataset's numbers, as keyword arguments of tagalign.segment: SPEC section 7's
+    per-dataset defaults, overridden by flags. The only place that reads --window, --short-side, --stride and
+    --bg-threshold, so the run, the printed settings and results.json cannot disagree. The `folder` dataset has
+    a background class when classes.txt starts with 'background' (threshold 0.5 unless given) and a stride of
+    half the window; RefCOCO/+/g (classes None) use the blended cosine map, no background, stride 224."""
+    common = dict(clip_weight=args.clip_weight, window=args.window, short_side=args.short_side, use_pamr=args.pamr)
+    if name in REFER:
+        return dict(rule="cosine", bg_threshold=None, stride=args.stride or 224, **common)
     spec = DATASETS[name]
     v1 = args.rule == "v1"
     has_bg = spec.get("bg") is not None or (name == "folder" and classes[0] == "background")
@@ -196,7 +210,7 @@ def settings(name, args, classes):
     if args.bg_threshold is not None and has_bg:
         bg = args.bg_threshold
     stride = args.stride or (224 if v1 else spec["stride"] or args.window // 2)
-    return bg, stride
+    return dict(rule=args.rule, bg_threshold=bg, stride=stride, **common)
 
 
 def dataset_classes(name, root):
@@ -211,12 +225,21 @@ def dataset_classes(name, root):
 
 
 def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_dir=None):
-    """mIoU of one benchmark. features: windows -> (f_main, f_clip); embed_texts: class names -> (C, D)."""
+    """mIoU of one feature source on one benchmark: evaluate_methods with a single method."""
+    return evaluate_methods(name, {"prediction": features}, embed_texts, args, rank, world, save_dir)["prediction"]
+
+
+def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir=None):
+    """mIoU of several methods on one benchmark, each image decoded (and its label read) once and segmented by
+    every method. methods: {name: features}, features: windows -> (f_main, f_clip); embed_texts: class names ->
+    (C, D), called once: every method shares the CLIP text encoder. Returns {method: result}."""
     from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
     from tqdm import tqdm
     spec = DATASETS[name]
     classes = dataset_classes(name, args.data_root)
-    bg, stride = settings(name, args, classes)
+    kw = settings(name, args, classes)
+    bg = kw["bg_threshold"]
     pairs, no_label, no_image = find_pairs(spec, args.data_root)
     if rank == 0 and (no_label or no_image):
         print(f"{name}: {len(no_label)} images without a label (e.g. {no_label[:3]}), {len(no_image)} labels "
@@ -227,7 +250,7 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
     text = embed_texts(prompts)
     C = len(classes)
     ignore = spec.get("ignore", 255)
-    cm = torch.zeros(C, C, dtype=torch.long)
+    cms = torch.zeros(len(methods), C, C, dtype=torch.long)  # one confusion matrix per method, reduced together
     bad_values = {}
     mine = list(range(rank, len(pairs), world))
     for n, i in enumerate(tqdm(mine, desc=name, disable=rank != 0 or not args.progress)):
@@ -239,46 +262,57 @@ def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_di
         if spec.get("shrink") and img.width * img.height > spec["shrink"] ** 2:  # ImageNet-S's large images
             s = spec["shrink"] / max(img.width, img.height)
             img = img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
-        pred, _ = tagalign.segment(features, img, text, rule=args.rule, clip_weight=args.clip_weight,
-                                   bg_threshold=bg, window=args.window, stride=stride, short_side=args.short_side,
-                                   use_pamr=args.pamr, window_batch=args.window_batch)
-        pred = pred.cpu()
-        if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
-            pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
-        cm += confusion(pred, gt, C, ignore)
+        pixels = pil_to_tensor(img).to(text.device)  # uint8, moved once for all methods
+        preds = {}
+        for m, (method, features) in enumerate(methods.items()):
+            pred, _ = tagalign.segment(features, pixels, text, window_batch=args.window_batch, **kw)
+            pred = pred.cpu()
+            if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
+                pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
+            cms[m] += confusion(pred, gt, C, ignore)
+            preds[method] = pred
         if save_dir and i < args.save_predictions:
-            save_prediction(save_dir, name, img_path, img, pred, gt, classes, ignore, bg is not None)
+            save_prediction(save_dir, name, img_path, img, preds, gt, classes, ignore, bg is not None)
     bad_values = gather_dicts(bad_values)
     if rank == 0:
         for path, values in sorted(bad_values.items()):
             print(f"warning: {path}: label values {values} outside 0..{C - 1}; ignored", file=sys.stderr)
-    cm = tagalign.all_reduce_sum(cm)  # NCCL reduces only CUDA tensors: all_reduce_sum moves it there and back
-    iou, miou, acc = iou_from_confusion(cm)
-    return {"dataset": name, "miou": 100 * miou, "aacc": 100 * acc, "images": len(pairs),
+    cms = tagalign.all_reduce_sum(cms)  # one collective for all methods; NCCL needs CUDA: all_reduce_sum moves it
+    results = {}
+    for method, cm in zip(methods, cms):
+        iou, miou, acc = iou_from_confusion(cm)
+        results[method] = {
+            "dataset": name, "miou": 100 * miou, "aacc": 100 * acc, "images": len(pairs),
             "per_class_iou": {c: (None if math.isnan(v) else 100 * v) for c, v in zip(classes, iou.tolist())},
-            "background_threshold": bg, "stride": stride, "images_without_label": no_label,
+            "background_threshold": bg, "stride": kw["stride"], "settings": kw, "images_without_label": no_label,
             "labels_without_image": no_image, "bad_label_values": bad_values}
+    return results
 
 
-def save_prediction(folder, name, img_path, img, pred, gt, classes, ignore, has_background):
-    """One panel per image: photo | ground truth | prediction, the legend listing the classes present in either
-    (ignored pixels white), per-image pixel accuracy in the title. Written to folder/name/<stem>.png."""
+def save_prediction(folder, name, img_path, img, preds, gt, classes, ignore, has_background):
+    """One panel per image: photo | ground truth | one prediction per method ({method: (H, W) labels}), each
+    titled with its per-image pixel accuracy, and a legend of the classes present in any of them (ignored
+    pixels white). Written to folder/name/<stem>.png: the methods stand side by side on the same image."""
     from PIL import Image
     import figures
     colours = figures.label_colours(len(classes), background=has_background)
     photo = figures.fit(figures.upscale(img.resize(gt.shape[::-1], Image.BILINEAR), 256), 512)
     size = photo.size
-    truth = figures.label_map(gt, colours, ignore).resize(size, Image.NEAREST)
-    predicted = figures.label_map(pred, colours).resize(size, Image.NEAREST)
     valid = gt != ignore
-    accuracy = (pred[valid] == gt[valid]).float().mean().item() if valid.any() else float("nan")
-    present = sorted(set(gt[valid].unique().tolist()) | set(pred.unique().tolist()))
-    entries = [(classes[c].strip() or repr(classes[c]), colours[c].tolist()) for c in present if c < len(classes)]
+    tiles = [figures.titled(photo, "photo"),
+             figures.titled(figures.label_map(gt, colours, ignore).resize(size, Image.NEAREST), "ground truth")]
+    present = set(gt[valid].unique().tolist())
+    for method, pred in preds.items():
+        accuracy = (pred[valid] == gt[valid]).float().mean().item() if valid.any() else float("nan")
+        tiles.append(figures.titled(figures.label_map(pred, colours).resize(size, Image.NEAREST),
+                                    f"{method} (pixel accuracy {accuracy:.0%})"))
+        present |= set(pred.unique().tolist())
+    entries = [(classes[c].strip() or repr(classes[c]), colours[c].tolist())
+               for c in sorted(present) if c < len(classes)]
     key = figures.legend(entries + ([("ignored", figures.WHITE)] if (~valid).any() else []))
-    panel = figures.row([figures.titled(photo, "photo"), figures.titled(truth, "ground truth"),
-                         figures.titled(predicted, f"prediction (pixel accuracy {accuracy:.0%})"), key])
     stem = os.path.splitext(os.path.basename(img_path))[0]
     os.makedirs(os.path.join(folder, name), exist_ok=True)
+    panel = figures.row(tiles + [key])
     figures.titled(panel, f"{name}: {stem}", size=15, below=False).save(os.path.join(folder, name, f"{stem}.png"))
 
 
@@ -396,11 +430,18 @@ def refer_paths(name, root):
 
 
 def evaluate_refer(name, features, embed_expressions, args, rank=0, world=1):
-    """mIoU (mean of per-expression IoU) and oIoU (sum I / sum U) per split. Our protocol (the authors released
-    none): the text query is the expression itself (`raw`, no class template: embed_expressions gets the
-    sentences verbatim); its mask is the 'cosine' map (the rule-v3 blend of cosines) min-max normalised over the
-    image, above --ref-threshold."""
+    """RefCOCO/+/g scores of one feature source: evaluate_refer_methods with a single method."""
+    return evaluate_refer_methods(name, {"prediction": features}, embed_expressions, args, rank, world)["prediction"]
+
+
+def evaluate_refer_methods(name, methods, embed_expressions, args, rank=0, world=1):
+    """mIoU (mean of per-expression IoU) and oIoU (sum I / sum U) per split, for each method ({name: features});
+    every image, its masks and its expressions' embeddings are made once and shared by the methods.
+    Our protocol (the authors released none): the text query is the expression itself (`raw`, no class template:
+    embed_expressions gets the sentences verbatim); its mask is the 'cosine' map (the rule-v3 blend of cosines)
+    min-max normalised over the image, above --ref-threshold. Returns {method: result}."""
     from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
     from tqdm import tqdm
     refs_path, inst_path, image_dir = refer_paths(name, args.data_root)
     with open(refs_path, "rb") as f:
@@ -409,7 +450,8 @@ def evaluate_refer(name, features, embed_expressions, args, rank=0, world=1):
         instances = json.load(f)
     anns = {a["id"]: a for a in instances["annotations"]}
     images = {i["id"]: i for i in instances["images"]}
-    results = {}
+    kw = settings(name, args)
+    results = {method: {} for method in methods}
     for split in REFER[name][1]:
         by_image = {}
         for ref in refs:
@@ -418,7 +460,7 @@ def evaluate_refer(name, features, embed_expressions, args, rank=0, world=1):
         image_ids = sorted(by_image)
         if args.limit:  # the same first N images whatever the number of ranks
             image_ids = image_ids[:args.limit]
-        totals = torch.zeros(4, dtype=torch.float64)  # sum I, sum U, sum per-expression IoU, expressions
+        totals = torch.zeros(len(methods), 4, dtype=torch.float64)  # per method: sum I, sum U, sum IoU, expressions
         for image_id in tqdm(image_ids[rank::world], desc=f"{name} {split}", disable=rank != 0 or not args.progress):
             info = images[image_id]
             img = Image.open(os.path.join(image_dir, info["file_name"])).convert("RGB")  # not ref['file_name']
@@ -428,55 +470,179 @@ def evaluate_refer(name, features, embed_expressions, args, rank=0, world=1):
                 for sent in ref["sentences"]:
                     sentences.append(sent["raw"].strip())  # the tokenizer lower-cases
                     masks.append(gt)
-            _, scores = tagalign.segment(features, img, embed_expressions(sentences), rule="cosine",
-                                         clip_weight=args.clip_weight, window=args.window, short_side=args.short_side,
-                                         stride=args.stride or 224, use_pamr=args.pamr, window_batch=args.window_batch)
-            lo = scores.flatten(1).min(1).values.view(-1, 1, 1)
-            hi = scores.flatten(1).max(1).values.view(-1, 1, 1)
-            preds = ((scores - lo) / (hi - lo).clamp(min=1e-8) > args.ref_threshold).cpu()
-            for pred, gt in zip(preds, masks):
-                inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
-                totals += torch.tensor([inter, union, inter / union if union else 0.0, 1], dtype=torch.float64)
-        totals = tagalign.all_reduce_sum(totals)  # one collective per split, on the backend's device
-        count = totals[3].item()
-        results[split] = {"miou": 100 * totals[2].item() / max(count, 1),
-                          "oiou": 100 * totals[0].item() / max(totals[1].item(), 1), "expressions": int(count)}
-    return {"dataset": name, "splits": results, "threshold": args.ref_threshold, "protocol": "ours"}
+            text = embed_expressions(sentences)
+            pixels = pil_to_tensor(img).to(text.device)  # uint8, moved once for all methods
+            for m, features in enumerate(methods.values()):
+                _, scores = tagalign.segment(features, pixels, text, window_batch=args.window_batch, **kw)
+                lo = scores.flatten(1).min(1).values.view(-1, 1, 1)
+                hi = scores.flatten(1).max(1).values.view(-1, 1, 1)
+                preds = ((scores - lo) / (hi - lo).clamp(min=1e-8) > args.ref_threshold).cpu()
+                for pred, gt in zip(preds, masks):
+                    inter, union = (pred & gt).sum().item(), (pred | gt).sum().item()
+                    totals[m] += torch.tensor([inter, union, inter / union if union else 0.0, 1], dtype=torch.float64)
+        totals = tagalign.all_reduce_sum(totals)  # one collective per split for all methods, on the backend's device
+        for method, t in zip(methods, totals.tolist()):
+            results[method][split] = {"miou": 100 * t[2] / max(t[3], 1), "oiou": 100 * t[0] / max(t[1], 1),
+                                      "expressions": int(t[3])}
+    return {method: {"dataset": name, "splits": splits, "threshold": args.ref_threshold, "stride": kw["stride"],
+                     "settings": kw, "protocol": "ours"} for method, splits in results.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-def results_table(results, pamr):
-    """Markdown table with the paper's number beside ours. RefCOCO rows are marked: the referring protocol is ours
-    (the authors released none), so their paper column is not a like-for-like comparison."""
-    rows = ["| dataset | mIoU | paper |", "|---|---|---|"]
-    referring = False
+def results_table(results, pamr, labels=None):
+    """The methods x datasets table as (header, rows); values are mIoU in % (None: no number). A row per method,
+    in the order met, named by labels[method]; columns: the segmentation datasets as evaluated, 'mean' over them,
+    then one column per RefCOCO split (mean per-expression IoU; the protocol is ours*); last a row with the
+    paper's TagAlign numbers (its PAMR ones under --pamr) and their mean over the same datasets."""
+    labels = labels or {}
+    methods, columns, cell = [], [], {}  # columns: a dataset name, or a (dataset, split) of RefCOCO
     for r in results:
-        if "splits" in r:
-            referring = True
-            for split, s in r["splits"].items():
-                paper = PAPER_REFER.get((r["dataset"], split))
-                rows.append(f"| {r['dataset']} {split} (our protocol*) | {s['miou']:.2f} (oIoU {s['oiou']:.2f}) | "
-                            f"{'-' if paper is None else paper} |")
-        else:
-            paper = PAPER[r["dataset"]][1 if pamr else 0] if r["dataset"] in PAPER else "-"
-            rows.append(f"| {r['dataset']} | {r['miou']:.2f} | {paper} |")
-    if referring:
-        rows.append("")
-        rows.append("* referring protocol is ours, not the paper's (the authors released none): the expression itself "
-                    "is the text query, its blended cosine map is min-max normalised and thresholded at "
-                    "--ref-threshold; the paper column is the paper's own, unknown, protocol.")
-    return "\n".join(rows)
+        method = r.get("method", "")
+        methods += [method] if method not in methods else []
+        scores = [((r["dataset"], s), v["miou"]) for s, v in r["splits"].items()] if "splits" in r \
+            else [(r["dataset"], r["miou"])]
+        for key, miou in scores:
+            columns += [key] if key not in columns else []
+            cell[method, key] = miou
+    seg = [c for c in columns if isinstance(c, str)]
+    refer = [c for c in columns if not isinstance(c, str)]
+    header = ["method", *seg, *(["mean"] if seg else []), *[f"{d} {s} (our protocol*)" for d, s in refer]]
+    paper = {**{d: v[1 if pamr else 0] for d, v in PAPER.items()}, **PAPER_REFER}
+    sources = [(labels.get(m, m), lambda key, m=m: cell.get((m, key))) for m in methods]
+    rows = []
+    for label, value in sources + [("paper (TagAlign)", paper.get)]:
+        values = [value(key) for key in seg]
+        mean = [sum(values) / len(values) if None not in values else None] if seg else []
+        rows.append([label, *values, *mean, *[value(key) for key in refer]])
+    if all(v is None for v in rows[-1][1:]):  # e.g. a folder dataset only: the paper has nothing to say
+        rows.pop()
+    return header, rows
+
+
+def markdown_table(header, rows):
+    """results_table's (header, rows) in Markdown: 2 decimals, '-' where there is no number."""
+    cells = lambda row: "| " + " | ".join(v if isinstance(v, str) else "-" if v is None else f"{v:.2f}"
+                                         for v in row) + " |"
+    return "\n".join([cells(header), "|" + "---|" * len(header)] + [cells(row) for row in rows])
+
+
+def write_csv(path, header, rows):
+    """The table for spreadsheets: 4 decimals, an empty cell where there is no number."""
+    import csv
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        out.writerows([row[0], *("" if v is None else f"{v:.4f}" for v in row[1:])] for row in rows)
+
+
+def code_version():
+    """The git commit of this checkout (with '-dirty' when tracked files have uncommitted changes), or 'unknown'."""
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", HERE, *a], capture_output=True, text=True, timeout=30,
+                                        check=True).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command_line(args, methods, names, per_dataset, surgery_layers):
+    """A command that reruns this evaluation: every flag that changes a number, with its effective value
+    (defaults written out, so that a later change of a default does not change what the command does).
+    Per-dataset values (threshold, stride) come from the code's table unless a flag overrode them."""
+    argv = ["python3", "evaluate.py"] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
+        + (["--clip", args.clip] if args.clip else [])
+    if "tagalign" in methods and not args.checkpoint:
+        argv += ["--surgery-layers", str(surgery_layers)]
+    argv += ["--methods", ",".join(methods), "--datasets", ",".join(names), "--data-root", args.data_root,
+             "--rule", args.rule, "--clip-weight", str(args.clip_weight), "--templates", args.templates]
+    for flag, key in (("--window", "window"), ("--short-side", "short_side")):
+        values = {s[key] for s in per_dataset.values()}
+        if len(values) == 1:  # one value for every dataset (always so today): one flag gives it back
+            argv += [flag, str(values.pop())]
+    if args.stride:
+        argv += ["--stride", str(args.stride)]
+    if args.bg_threshold is not None:
+        argv += ["--bg-threshold", str(args.bg_threshold)]
+    if any(n in REFER for n in names):
+        argv += ["--ref-threshold", str(args.ref_threshold)]
+    argv += (["--pamr"] if args.pamr else []) + (["--limit", str(args.limit)] if args.limit else [])
+    return shlex.join(argv + ["--out", args.out])
+
+
+def run_settings(args, methods, names, results, model, world):
+    """What produced the numbers, for results.json and the report: per dataset the segment() settings and the
+    number of images (expressions for RefCOCO), and the run-wide ones."""
+    per_dataset = {}
+    for r in results:  # every method of a dataset ran with the same settings: the first record says them
+        if r["dataset"] not in per_dataset:
+            count = r["images"] if "images" in r else sum(s["expressions"] for s in r["splits"].values())
+            per_dataset[r["dataset"]] = {"images" if "images" in r else "expressions": count, **r["settings"]}
+    cfg = model.clip.cfg
+    clip = args.clip or (torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("clip")
+                         if args.checkpoint else None)
+    surgery_layers = model.cfg.surgery_layers
+    return {"command": command_line(args, methods, names, per_dataset, surgery_layers), "datasets": per_dataset,
+            "rule": args.rule, "clip_weight": args.clip_weight, "templates": args.templates,
+            "template_count": len(tagalign.load_templates(args.templates)), "pamr": args.pamr,
+            "ref_threshold": args.ref_threshold if any(n in REFER for n in names) else None,
+            "clip": clip or "tagalign.load_model's default",
+            "clip_architecture": f"ViT, {cfg.vision_layers} blocks, width {cfg.vision_width}, patch "
+                                 f"{cfg.vision_patch_size}, trained at {cfg.image_resolution} px",
+            "checkpoint": args.checkpoint, "tagalign_surgery_layers": surgery_layers if "tagalign" in methods else None,
+            "limit": args.limit, "processes": world, "code": code_version()}
+
+
+REFER_NOTE = ("* referring protocol is ours, not the paper's (the authors released none): the expression itself is "
+              "the text query, its blended cosine map is min-max normalised and thresholded at --ref-threshold; the "
+              "paper row is the paper's own, unknown, protocol. Cells are mIoU (mean per-expression IoU); oIoU is in "
+              "results.json.")
+
+
+def report(header, rows, s):
+    """The Markdown printed after a run and written as results.md: the table, what its mean and stars mean, and
+    the settings s (run_settings) with the command that reproduces them."""
+    refer = any(h.endswith("(our protocol*)") for h in header)
+    seg = [h for h in header[1:] if h != "mean" and not h.endswith("(our protocol*)")]
+    lines = [f"**LIMITED RUN: only the first {s['limit']} images of each dataset (--limit {s['limit']}); not "
+             "comparable with full-benchmark numbers.**", ""] if s["limit"] else []
+    lines += [markdown_table(header, rows), ""]
+    if seg:
+        lines.append(f"mean: over the {len(seg)} segmentation dataset(s) of this run"
+                     + ("; the RefCOCO columns are not in it." if refer else "."))
+    if refer:
+        lines.append(REFER_NOTE)
+    lines += ["", "## Settings", "", "    " + s["command"], "",
+              "| dataset | images | background threshold | stride | window | short side | rule |",
+              "|---|---|---|---|---|---|---|"]
+    for name, d in s["datasets"].items():
+        count = d["images"] if "images" in d else f"{d['expressions']} expressions"
+        bg = "none" if d["bg_threshold"] is None else d["bg_threshold"]
+        lines.append(f"| {name} | {count} | {bg} | {d['stride']} | {d['window']} | {d['short_side']} | {d['rule']} |")
+    inference = [f"rule {s['rule']}, clip weight a = {s['clip_weight']}",
+                 f"templates {s['templates']} ({s['template_count']}; RefCOCO: the expression itself)",
+                 f"PAMR {'on' if s['pamr'] else 'off'}"]
+    inference += [f"RefCOCO threshold {s['ref_threshold']}"] if s["ref_threshold"] is not None else []
+    model = [f"CLIP {s['clip']} ({s['clip_architecture']})", f"checkpoint {s['checkpoint'] or 'none'}"]
+    model += [f"tagalign's surgery layers {s['tagalign_surgery_layers']}"] if s["tagalign_surgery_layers"] else []
+    run = [f"images: the first {s['limit']} per dataset" if s["limit"] else "images: all",
+           f"processes {s['processes']}", f"code {s['code']}"]
+    lines += [""] + ["- " + "; ".join(part) for part in (inference, model, run)]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate TagAlign (or a training-free baseline) on the benchmarks")
     p.add_argument("--checkpoint", default=None, help="TagAlign checkpoint (train.py); omitted: untrained = CLIP Surgery")
     p.add_argument("--clip", default=None, help="CLIP checkpoint path or name (default: the checkpoint's, else ViT-B/16)")
-    p.add_argument("--method", default="tagalign", choices=("tagalign",) + tagalign.BASELINES, help="feature source")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated feature sources, scored on the same decoded images and printed as one table: "
+                        f"tagalign (needs --checkpoint beside others), {', '.join(tagalign.BASELINES)}; "
+                        "'baselines' (all of these) or 'all' (tagalign and the baselines)")
+    p.add_argument("--method", default=None, help="one feature source: the same as --methods NAME (default tagalign)")
     p.add_argument("--surgery-layers", type=int, default=None,
-                   help="without --checkpoint: CLIP Surgery blocks (default min(6, the CLIP's layers))")
+                   help="without --checkpoint: tagalign's CLIP Surgery blocks (default: tagalign.load_model's)")
     p.add_argument("--dataset", default=None, help="one dataset: " + ", ".join(STANDARD + list(REFER)))
     p.add_argument("--datasets", default=None, help="comma-separated datasets, or 'all' (the ten) or 'refer'")
     p.add_argument("--data-root", required=True, help="folder holding the datasets' folders (see the docstring)")
@@ -492,11 +658,33 @@ def parse_args(argv=None):
     p.add_argument("--ref-threshold", type=float, default=0.5, help="RefCOCO: threshold on the min-max normalised map")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N images per dataset (0: all)")
     p.add_argument("--out", default="out/eval", help="folder for results.json and prediction PNGs")
-    p.add_argument("--save-predictions", type=int, default=0, help="write PNGs (prediction | truth) of the first N images")
+    p.add_argument("--save-predictions", type=int, default=0,
+                   help="write PNGs (photo | truth | each method's prediction) of the first N images")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     p.add_argument("--check", action="store_true", help="check the prepared datasets (counts, label values, "
                    "missing files) without a model, then exit; status 1 when something is wrong")
     return p.parse_args(argv)
+
+
+def requested_methods(args):
+    """--methods (or --method) -> list of method names, in the given order, each once. tagalign without
+    --checkpoint is its untrained model (identity projector = CLIP Surgery on --surgery-layers blocks): allowed
+    alone, as the 'before training' measurement (demo.py), and labelled untrained in the table; refused beside
+    other methods, where its row would pass for TagAlign in the comparison."""
+    if args.method and args.methods:
+        raise ValueError("give --method or --methods, not both")
+    groups = {"all": ["tagalign", *tagalign.BASELINES], "baselines": list(tagalign.BASELINES)}
+    given = [n.strip() for n in (args.methods or args.method or "tagalign").split(",") if n.strip()]
+    names = list(dict.fromkeys(m for n in given for m in groups.get(n, [n])))  # a method named twice runs once
+    unknown = [n for n in names if n not in ("tagalign",) + tagalign.BASELINES]
+    if not names or unknown:
+        raise ValueError(f"unknown or no method {unknown}; choose from tagalign, {', '.join(tagalign.BASELINES)}, "
+                         "baselines, all")
+    if "tagalign" in names and len(names) > 1 and not args.checkpoint:
+        raise ValueError("method tagalign needs --checkpoint when compared with other methods (without one it is the "
+                         "untrained projector, i.e. CLIP Surgery); pass --checkpoint, or drop tagalign "
+                         "(--methods baselines)")
+    return names
 
 
 def requested_datasets(args):
@@ -629,6 +817,7 @@ def main(argv=None):
         sys.exit(1 if check_data(names, args.data_root, args.progress) else 0)
     try:  # bad input fails here, in a second, on every rank alike (no rank waits in a collective for another)
         names = requested_datasets(args)
+        methods = requested_methods(args)
         check_inputs(args, names)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
@@ -638,22 +827,36 @@ def main(argv=None):
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
     templates = tagalign.load_templates(args.templates)
-    features = tagalign.feature_fn(model, args.method)
+    features = {m: tagalign.feature_fn(model, m) for m in methods}  # all of them on the one CLIP
+    labels = {m: m for m in methods}
+    if "tagalign" in methods and not args.checkpoint:  # alone (requested_methods): say what it really is
+        labels["tagalign"] = f"tagalign (untrained = CLIP Surgery, surgery_layers={model.cfg.surgery_layers})"
+        if rank == 0:
+            print(f"note: no --checkpoint: evaluating {labels['tagalign']}", file=sys.stderr)
     embed_classes = lambda names_: tagalign.text_embeddings(model.clip, names_, templates).to(device)
     embed_expressions = lambda sentences: tagalign.text_embeddings(model.clip, sentences, ["{}"]).to(device)
-    results = []
+    results = []  # one record per (dataset, method), as evaluated
     t0 = time.time()
     for name in names:
         if name in REFER:
-            results.append(evaluate_refer(name, features, embed_expressions, args, rank, world))
+            by_method = evaluate_refer_methods(name, features, embed_expressions, args, rank, world)
         else:
-            results.append(evaluate_dataset(name, features, embed_classes, args, rank, world, args.out))
+            by_method = evaluate_methods(name, features, embed_classes, args, rank, world, args.out)
+        results += [{"method": m, **r} for m, r in by_method.items()]
     if rank == 0:
+        header, rows = results_table(results, args.pamr, labels)
+        setup = run_settings(args, methods, names, results, model, world)
+        text = report(header, rows, setup)
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"args": vars(args), "results": results, "seconds": time.time() - t0}, f, indent=1)
-        print(results_table(results, args.pamr))
-        print(f"per-class IoU in {os.path.join(args.out, 'results.json')}")
+            json.dump({"command": setup["command"], "settings": setup, "methods": labels,
+                       "table": {"header": header, "rows": rows}, "results": results, "args": vars(args),
+                       "seconds": time.time() - t0}, f, indent=1)
+        write_csv(os.path.join(args.out, "results.csv"), header, rows)
+        with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        print(text)
+        print(f"\ntable also in {os.path.join(args.out, 'results.csv')} and results.md; per-class IoU in results.json")
     if dist.is_initialized():
         dist.destroy_process_group()
     return results
