@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import clip_model
 import tagalign
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -199,18 +200,32 @@ def settings(name, args, classes=None):
     per-dataset defaults, overridden by flags. The only place that reads --window, --short-side, --stride and
     --bg-threshold, so the run, the printed settings and results.json cannot disagree. The `folder` dataset has
     a background class when classes.txt starts with 'background' (threshold 0.5 unless given) and a stride of
-    half the window; RefCOCO/+/g (classes None) use the blended cosine map, no background, stride 224."""
+    half the window; RefCOCO/+/g (classes None) use the blended cosine map, no background, stride 224. Strides are
+    the authors' for ViT-B/16 at 448, scaled to other windows and patch sizes (tagalign.scaled_stride); window and
+    short side are set from the backbone by `apply_backbone` unless given."""
     common = dict(clip_weight=args.clip_weight, window=args.window, short_side=args.short_side, use_pamr=args.pamr)
+    scaled = lambda stride: tagalign.scaled_stride(stride, args.window, args.patch_size)
     if name in REFER:
-        return dict(rule="cosine", bg_threshold=None, stride=args.stride or 224, **common)
+        return dict(rule="cosine", bg_threshold=None, stride=args.stride or scaled(224), **common)
     spec = DATASETS[name]
     v1 = args.rule == "v1"
     has_bg = spec.get("bg") is not None or (name == "folder" and classes[0] == "background")
     bg = None if not has_bg else 0.4 if v1 else spec.get("bg") or 0.5
     if args.bg_threshold is not None and has_bg:
         bg = args.bg_threshold
-    stride = args.stride or (224 if v1 else spec["stride"] or args.window // 2)
+    stride = args.stride or (scaled(224) if v1 else scaled(spec["stride"]) if spec["stride"] else args.window // 2)
     return dict(rule=args.rule, bg_threshold=bg, stride=stride, **common)
+
+
+def apply_backbone(args, clip):
+    """Fill in what follows the CLIP (tagalign.inference_defaults): window and short side twice its input size
+    unless given, its patch size for the strides; a window that is not a multiple of the patch size is refused."""
+    defaults = tagalign.inference_defaults(clip)
+    args.window = args.window or defaults["window"]
+    args.short_side = args.short_side or defaults["short_side"]
+    args.patch_size = clip.visual.patch_size
+    tagalign.check_window(args.window, args.patch_size)
+    return args
 
 
 def dataset_classes(name, root):
@@ -547,12 +562,12 @@ def code_version():
         return "unknown"
 
 
-def command_line(args, methods, names, per_dataset, surgery_layers):
+def command_line(args, methods, names, per_dataset, surgery_layers, quick_gelu):
     """A command that reruns this evaluation: every flag that changes a number, with its effective value
     (defaults written out, so that a later change of a default does not change what the command does).
     Per-dataset values (threshold, stride) come from the code's table unless a flag overrode them."""
     argv = ["python3", "evaluate.py"] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
-        + (["--clip", args.clip] if args.clip else [])
+        + (["--clip", args.clip] if args.clip else []) + ["--clip-act", "quickgelu" if quick_gelu else "gelu"]
     if "tagalign" in methods and not args.checkpoint:
         argv += ["--surgery-layers", str(surgery_layers)]
     argv += ["--methods", ",".join(methods), "--datasets", ",".join(names), "--data-root", args.data_root,
@@ -583,13 +598,12 @@ def run_settings(args, methods, names, results, model, world):
     clip = args.clip or (torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("clip")
                          if args.checkpoint else None)
     surgery_layers = model.cfg.surgery_layers
-    return {"command": command_line(args, methods, names, per_dataset, surgery_layers), "datasets": per_dataset,
+    return {"command": command_line(args, methods, names, per_dataset, surgery_layers, cfg.quick_gelu), "datasets": per_dataset,
             "rule": args.rule, "clip_weight": args.clip_weight, "templates": args.templates,
             "template_count": len(tagalign.load_templates(args.templates)), "pamr": args.pamr,
             "ref_threshold": args.ref_threshold if any(n in REFER for n in names) else None,
             "clip": clip or "tagalign.load_model's default",
-            "clip_architecture": f"ViT, {cfg.vision_layers} blocks, width {cfg.vision_width}, patch "
-                                 f"{cfg.vision_patch_size}, trained at {cfg.image_resolution} px",
+            "clip_architecture": clip_model.describe(model.clip),
             "checkpoint": args.checkpoint, "tagalign_surgery_layers": surgery_layers if "tagalign" in methods else None,
             "limit": args.limit, "processes": world, "code": code_version()}
 
@@ -636,6 +650,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate TagAlign (or a training-free baseline) on the benchmarks")
     p.add_argument("--checkpoint", default=None, help="TagAlign checkpoint (train.py); omitted: untrained = CLIP Surgery")
     p.add_argument("--clip", default=None, help="CLIP checkpoint path or name (default: the checkpoint's, else ViT-B/16)")
+    p.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS),
+                   help=clip_model.ACTIVATION_HELP + "; with --checkpoint, auto = the activation it was trained with")
     p.add_argument("--methods", default=None,
                    help="comma-separated feature sources, scored on the same decoded images and printed as one table: "
                         f"tagalign (needs --checkpoint beside others), {', '.join(tagalign.BASELINES)}; "
@@ -650,8 +666,11 @@ def parse_args(argv=None):
     p.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
     p.add_argument("--bg-threshold", type=float, default=None, help="override the dataset's background threshold")
     p.add_argument("--stride", type=int, default=None, help="override the dataset's window stride")
-    p.add_argument("--window", type=int, default=448, help="sliding window size")
-    p.add_argument("--short-side", type=int, default=448, help="resize images so their short side is this")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window size, a multiple of the patch size (default: twice the CLIP's input size, "
+                        "448 for ViT-B/16; 672 for ViT-L/14@336px)")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize images so their short side is this (default: the default window)")
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward")
     p.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"], help="prompt templates")
     p.add_argument("--pamr", action="store_true", help="PAMR post-processing (the paper's 'Post' rows)")
@@ -701,7 +720,7 @@ def check_inputs(args, names):
     any process group starts: flag values, the checkpoint and CLIP files, every requested dataset's layout.
     Raises ValueError or FileNotFoundError with a one-line message."""
     for flag in ("window", "short_side", "window_batch"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.stride is not None and args.stride <= 0:
         raise ValueError(f"--stride must be positive, got {args.stride}")
@@ -823,9 +842,13 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     try:
         rank, world, device = tagalign.init_distributed()  # GPU LOCAL_RANK set before NCCL starts
-        model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device)
+        model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device,
+                                    clip_model.ACTIVATIONS[args.clip_act])
+        apply_backbone(args, model.clip)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if rank == 0:
+        print(f"CLIP: {clip_model.describe(model.clip)}", file=sys.stderr)
     templates = tagalign.load_templates(args.templates)
     features = {m: tagalign.feature_fn(model, m) for m in methods}  # all of them on the one CLIP
     labels = {m: m for m in methods}

@@ -43,10 +43,11 @@ def main():
             Image.fromarray(torch.randint(0, 21, (375, 500), dtype=torch.uint8).numpy(), "L").save(
                 os.path.join(base, "SegmentationClass", s + ".png"))
         open(os.path.join(base, "ImageSets/Segmentation/val.txt"), "w").write("\n".join(stems) + "\n")
-        eval_args = evaluate.parse_args(["--data-root", root, "--no-progress"] + (["--pamr"] if args.pamr else []))
+        eval_args = evaluate.apply_backbone(evaluate.parse_args(
+            ["--data-root", root, "--no-progress"] + (["--pamr"] if args.pamr else [])), model.clip)
         embed = lambda names: tagalign.text_embeddings(model.clip, names).to(device)
-        evaluate.evaluate_dataset("voc", model.dense_features, embed, evaluate.parse_args(
-            ["--data-root", root, "--no-progress", "--limit", "1"]))  # warm-up
+        evaluate.evaluate_dataset("voc", model.dense_features, embed, evaluate.apply_backbone(evaluate.parse_args(
+            ["--data-root", root, "--no-progress", "--limit", "1"]), model.clip))  # warm-up
         t0 = time.perf_counter()
         result = evaluate.evaluate_dataset("voc", model.dense_features, embed, eval_args)
         dt = time.perf_counter() - t0

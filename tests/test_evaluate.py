@@ -67,7 +67,7 @@ def embed_identity(names):
 
 def args_for(root, **kw):
     base = dict(data_root=str(root), rule="v3", clip_weight=0.5, bg_threshold=None, stride=None, window=448, short_side=448,
-                window_batch=4, pamr=False, limit=0, save_predictions=0, progress=False, ref_threshold=0.5)
+                patch_size=16, window_batch=4, pamr=False, limit=0, save_predictions=0, progress=False, ref_threshold=0.5)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -583,7 +583,8 @@ def test_refcoco_text_query_is_the_expression_itself(tmp_path, monkeypatch, caps
     assert inits == [1] and results[0]["protocol"] == "ours"
     out = capsys.readouterr().out
     assert "| refcoco val (our protocol*) |" in out and evaluate.REFER_NOTE in out
-    assert "| refcoco | 3 expressions | none | 224 | 64 | 64 | cosine |" in out  # its settings row
+    # its settings row: RefCOCO's stride 224 of a 448 window, scaled to this 64 window: 32 (2 patches of 16)
+    assert "| refcoco | 3 expressions | none | 32 | 64 | 64 | cosine |" in out
 
 
 def test_bad_input_fails_before_clip_is_loaded(tmp_path, monkeypatch):
@@ -772,13 +773,15 @@ def test_settings_are_printed_and_the_command_reproduces_the_table(compared):
     import shlex
     root, s = compared.root, compared.saved["settings"]
     printed = compared.printed
-    assert "| voc | 3 | 0.45 | 56 | 64 | 64 | v3 |" in printed  # SPEC section 7's VOC row at this window
+    # SPEC section 7's VOC row; its stride, 56 of a 448 window, is an eighth of the window: one 16-px patch at 64
+    assert "| voc | 3 | 0.45 | 16 | 64 | 64 | v3 |" in printed
     assert "| folder | 2 | none | 32 | 64 | 64 | v3 |" in printed  # no background; stride half the window
     assert "- rule v3, clip weight a = 0.5; templates single (1; RefCOCO: the expression itself); PAMR off" in printed
-    assert (f"- CLIP {root / 'clip.pt'} (ViT, 8 blocks, width 128, patch 16, trained at 64 px); checkpoint "
-            f"{root / 'ckpt.pt'}; tagalign's surgery layers 2") in printed
+    assert (f"- CLIP {root / 'clip.pt'} (ViT with patch 16, 64 px, 8 blocks of width 128 (2 heads), embedding 64, "
+            f"QuickGELU (recorded in the TagAlign checkpoint)); checkpoint {root / 'ckpt.pt'}; tagalign's surgery layers 2"
+            ) in printed
     assert "- images: all; processes 1; code " in printed and "LIMITED" not in printed
-    assert s["datasets"]["voc"] == {"images": 3, "rule": "v3", "bg_threshold": 0.45, "stride": 56, "clip_weight": 0.5,
+    assert s["datasets"]["voc"] == {"images": 3, "rule": "v3", "bg_threshold": 0.45, "stride": 16, "clip_weight": 0.5,
                                     "window": 64, "short_side": 64, "use_pamr": False}
     command = shlex.split(s["command"])
     assert compared.saved["command"] == s["command"] and f"    {s['command']}" in printed.splitlines()
@@ -897,3 +900,22 @@ def test_check_reads_files_shared_by_two_datasets_once(tmp_path, capsys, monkeyp
     assert len(opened) == 3
     code, out = run_check(tmp_path, "voc20", capsys)  # alone, it is checked itself
     assert code == 0 and out.startswith("voc20          OK     3 pairs (SPEC 3); labels 0..19, ignore 255"), out
+
+
+def test_window_and_strides_follow_a_patch_14_backbone(compared, tmp_path):
+    """A ViT-L/14-like CLIP (patch 14, 56 px input) and no --window: windows and short side are 112 (twice the
+    input size), VOC's stride is SPEC's 56-of-448 scaled to 112 in whole patches (14), the folder's half the
+    window (56); the printed command spells out the activation used and the sizes. A window that is not a
+    multiple of 14 is refused with the nearest ones."""
+    from conftest import random_state_dict
+    cfg = clip_model.CLIPConfig(embed_dim=64, image_resolution=56, vision_layers=2, vision_width=128,
+                                vision_patch_size=14, transformer_width=128, transformer_heads=2, transformer_layers=1)
+    torch.save(random_state_dict(cfg, seed=7), tmp_path / "l14-like.pt")
+    base = ["--clip", str(tmp_path / "l14-like.pt"), "--methods", "surgery,maskclip", "--datasets", "voc,folder",
+            "--data-root", str(compared.root)]
+    _, printed = run_main(base + ["--out", str(tmp_path / "out")])
+    assert "| voc | 3 | 0.45 | 14 | 112 | 112 | v3 |" in printed and "| folder | 2 | none | 56 | 112 | 112 | v3 |" in printed
+    command = json.load(open(tmp_path / "out" / "results.json"))["command"]
+    assert "--clip-act gelu" in command and "--window 112 --short-side 112" in command
+    with pytest.raises(SystemExit, match="--window 100 is not a multiple of the CLIP's patch size 14; use 98 or 112"):
+        run_main(base + ["--window", "100", "--out", str(tmp_path / "bad")])
