@@ -61,8 +61,9 @@ ACTIVATION_HELP = ("CLIP's MLP activation, which the weights do not reveal: auto
                    "quickgelu/openai/metaclip, else exact GELU (open_clip's LAION, DataComp)")
 # Path hints for QuickGELU in a file that is not OpenAI's TorchScript release (see `activation_for`).
 QUICK_GELU_HINTS = ("quickgelu", "openai", "metaclip")
-# Entries of OpenAI's TorchScript state dict that are not weights.
-NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Entries dropped on load: OpenAI's TorchScript non-weights, and open_clip's logit_bias (a SigLIP-style loss term
+# some CLIP-class checkpoints carry; it shifts contrastive logits only, never a feature).
+NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "logit_bias")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,10 +463,11 @@ def read_safetensors(path):
     return sd
 
 
-def read_state_dict(path):
+def read_state_dict(path, info=None):
     """Read a TorchScript archive (OpenAI's release), a torch.save'd state dict, an open_clip checkpoint
     ({'state_dict': ...}, possibly with DDP's 'module.' prefix) or a .safetensors file (open_clip's models on the
-    Hugging Face hub) into a plain {name: tensor} dict on the CPU."""
+    Hugging Face hub) into a plain {name: tensor} dict on the CPU. info (a dict), if given, receives the 'name' an
+    open_clip training checkpoint records (its run name, which holds the model name, e.g. '...ViT-B-32-quickgelu...')."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path} (give a checkpoint file or one of the model names "
                                 f"{sorted(MODELS)}, which are downloaded)")
@@ -482,6 +484,8 @@ def read_state_dict(path):
         raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                            "the file is corrupt or truncated: delete it and download it again") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        if info is not None and isinstance(sd.get("name"), str):
+            info["name"] = sd["name"]
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise ValueError(f"checkpoint {path} holds a {type(sd).__name__}, not a state dict")
@@ -490,13 +494,15 @@ def read_state_dict(path):
     return dict(sd)
 
 
-def activation_for(path, quick_gelu=None):
+def activation_for(path, quick_gelu=None, run_name=None):
     """(quick_gelu, why) for a checkpoint file. The activation is not in the weights: OpenAI trained with QuickGELU,
     open_clip's LAION and DataComp models with exact GELU, MetaCLIP with QuickGELU. A wrong guess does not fail,
     it quietly shifts every feature, so the choice is always reported. Order: the caller's explicit choice (a
     flag); OpenAI's TorchScript release; open_clip_config.json beside the file (the hub's repos ship one, its
-    model_cfg.quick_gelu is authoritative); a hint in the file name or its Hugging Face cache folder (open_clip
-    names QuickGELU models '*-quickgelu*', e.g. 'ViT-B-32-quickgelu-metaclip_400m.pt'); else exact GELU."""
+    model_cfg.quick_gelu is authoritative); a hint in the file name, its Hugging Face cache folder or the run name
+    of an open_clip training checkpoint (open_clip names QuickGELU models '*-quickgelu*', e.g.
+    'ViT-B-32-quickgelu-metaclip_400m.pt'); else exact GELU. MetaCLIP's own files (b32_400m.pt, ...) carry no
+    hint: they need the flag."""
     if quick_gelu is not None:
         return quick_gelu, "as asked"
     if is_torchscript(path):
@@ -508,6 +514,7 @@ def activation_for(path, quick_gelu=None):
         return quick, "open_clip_config.json beside it"
     # only names that describe the model: the file, and a hub cache folder models--org--repo (not the user's folders)
     names = [os.path.basename(path)] + [d for d in os.path.abspath(path).split(os.sep) if d.startswith("models--")]
+    names += [run_name] if run_name else []
     hint = next((h for h in QUICK_GELU_HINTS for n in names if h in n.lower()), None)
     if hint:
         return True, f"'{hint}' in its name"
@@ -565,8 +572,9 @@ def load(name_or_path="ViT-B/16", device="cpu", root=None, quick_gelu=None):
     quick_gelu: None decides from the file (`activation_for`); model.activation says what was used and why."""
     is_remote = name_or_path in MODELS or "://" in name_or_path
     path = download(name_or_path, root) if is_remote else name_or_path  # a missing path: "checkpoint not found"
-    sd = read_state_dict(path)
-    quick_gelu, why = activation_for(path, quick_gelu)
+    info = {}
+    sd = read_state_dict(path, info)
+    quick_gelu, why = activation_for(path, quick_gelu, info.get("name"))
     model = build_model(sd, quick_gelu).to(device)
     model.activation = f"{'QuickGELU' if quick_gelu else 'GELU'} ({why})"
     return model

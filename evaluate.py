@@ -213,7 +213,8 @@ def settings(name, args, classes=None):
     bg = None if not has_bg else 0.4 if v1 else spec.get("bg") or 0.5
     if args.bg_threshold is not None and has_bg:
         bg = args.bg_threshold
-    stride = args.stride or (scaled(224) if v1 else scaled(spec["stride"]) if spec["stride"] else args.window // 2)
+    stride = args.stride or (scaled(224) if v1 else scaled(spec["stride"]) if spec["stride"]
+                           else tagalign.half_window(args.window, args.patch_size))
     return dict(rule=args.rule, bg_threshold=bg, stride=stride, **common)
 
 
@@ -562,12 +563,12 @@ def code_version():
         return "unknown"
 
 
-def command_line(args, methods, names, per_dataset, surgery_layers, quick_gelu):
+def command_line(args, methods, names, per_dataset, surgery_layers, clip, quick_gelu):
     """A command that reruns this evaluation: every flag that changes a number, with its effective value
     (defaults written out, so that a later change of a default does not change what the command does).
     Per-dataset values (threshold, stride) come from the code's table unless a flag overrode them."""
     argv = ["python3", "evaluate.py"] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
-        + (["--clip", args.clip] if args.clip else []) + ["--clip-act", "quickgelu" if quick_gelu else "gelu"]
+        + ["--clip", clip, "--clip-act", "quickgelu" if quick_gelu else "gelu"]
     if "tagalign" in methods and not args.checkpoint:
         argv += ["--surgery-layers", str(surgery_layers)]
     argv += ["--methods", ",".join(methods), "--datasets", ",".join(names), "--data-root", args.data_root,
@@ -595,14 +596,14 @@ def run_settings(args, methods, names, results, model, world):
             count = r["images"] if "images" in r else sum(s["expressions"] for s in r["splits"].values())
             per_dataset[r["dataset"]] = {"images" if "images" in r else "expressions": count, **r["settings"]}
     cfg = model.clip.cfg
-    clip = args.clip or (torch.load(args.checkpoint, map_location="cpu", weights_only=True, mmap=True).get("clip")
-                         if args.checkpoint else None)
+    # the CLIP used: --clip, else the checkpoint's, else load_model's default (written out in the command)
+    clip = args.clip or (tagalign.read_checkpoint(args.checkpoint)["clip"] if args.checkpoint else "ViT-B/16")
     surgery_layers = model.cfg.surgery_layers
-    return {"command": command_line(args, methods, names, per_dataset, surgery_layers, cfg.quick_gelu), "datasets": per_dataset,
+    return {"command": command_line(args, methods, names, per_dataset, surgery_layers, clip, cfg.quick_gelu), "datasets": per_dataset,
             "rule": args.rule, "clip_weight": args.clip_weight, "templates": args.templates,
             "template_count": len(tagalign.load_templates(args.templates)), "pamr": args.pamr,
             "ref_threshold": args.ref_threshold if any(n in REFER for n in names) else None,
-            "clip": clip or "tagalign.load_model's default",
+            "clip": clip,
             "clip_architecture": clip_model.describe(model.clip),
             "checkpoint": args.checkpoint, "tagalign_surgery_layers": surgery_layers if "tagalign" in methods else None,
             "limit": args.limit, "processes": world, "code": code_version()}

@@ -110,7 +110,8 @@ class TagAlign(nn.Module):
 
     @torch.no_grad()
     def clip_patches(self, images):
-        """Frozen CLIP Surgery tokens: (B, 3, H, W) -> (B, C, h, w) 768-d patch tokens before ln_post."""
+        """Frozen CLIP Surgery tokens: (B, 3, H, W) -> (B, C, h, w) patch tokens before ln_post (C: the
+        vision width, 768 for ViT-B)."""
         x, (h, w) = self.clip.visual.forward_surgery(images, self.cfg.surgery_layers)
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w)  # (B, C, h, w)
 
@@ -171,17 +172,22 @@ def read_checkpoint(path):
     return ckpt
 
 
+def recorded_activation(ckpt):
+    """The CLIP activation a checkpoint was trained with. Checkpoints written before it was recorded all used
+    QuickGELU (build_model knew no other then), so a missing field means QuickGELU, not a new guess."""
+    return ckpt.get("clip_quick_gelu", True)
+
+
 def load_checkpoint(path, clip=None, device="cpu"):
     """A TagAlign checkpoint -> model in eval mode. The frozen CLIP is loaded from the name/path recorded in the
     checkpoint, with the recorded activation, unless a CLIP model is given (whose activation must then match)."""
     ckpt = read_checkpoint(path)
-    recorded = ckpt.get("clip_quick_gelu")  # None in checkpoints written before it was recorded
+    recorded = recorded_activation(ckpt)
     if clip is None:
         fetch_clip_once(ckpt["clip"])
         clip = clip_model.load(ckpt["clip"], quick_gelu=recorded)
-        if recorded is not None:
-            clip.activation = f"{'QuickGELU' if recorded else 'GELU'} (recorded in the TagAlign checkpoint)"
-    elif recorded is not None and clip.cfg.quick_gelu != recorded:
+        clip.activation = f"{'QuickGELU' if recorded else 'GELU'} (recorded in the TagAlign checkpoint)"
+    elif clip.cfg.quick_gelu != recorded:
         act = lambda q: "QuickGELU" if q else "GELU"
         raise ValueError(f"{path} was trained on a CLIP with {act(recorded)}, the CLIP given uses "
                          f"{act(clip.cfg.quick_gelu)}; pass --clip-act {'quickgelu' if recorded else 'gelu'}")
@@ -208,14 +214,16 @@ def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu", qu
     if clip or not checkpoint:
         recorded = None
         if checkpoint and quick_gelu is None:  # another copy of the same CLIP: keep the activation it was trained on
-            recorded = quick_gelu = read_checkpoint(checkpoint).get("clip_quick_gelu")
+            recorded = quick_gelu = recorded_activation(read_checkpoint(checkpoint))
         clip = clip or "ViT-B/16"
         fetch_clip_once(clip)  # under torchrun: one download per node
         clip = clip_model.load(clip, device=device, quick_gelu=quick_gelu)
         if recorded is not None:
             clip.activation = f"{'QuickGELU' if recorded else 'GELU'} (recorded in the TagAlign checkpoint)"
-    elif quick_gelu is not None:
-        clip = clip_model.load(read_checkpoint(checkpoint)["clip"], device=device, quick_gelu=quick_gelu)
+    elif quick_gelu is not None:  # the checkpoint's CLIP with an activation given: load_checkpoint checks they agree
+        name = read_checkpoint(checkpoint)["clip"]
+        fetch_clip_once(name)
+        clip = clip_model.load(name, device=device, quick_gelu=quick_gelu)
     if checkpoint:
         return load_checkpoint(checkpoint, clip, device)
     return TagAlign(clip, TagAlignConfig(surgery_layers=surgery_layers)).to(device).eval()
@@ -233,6 +241,11 @@ def check_window(window, patch):
     if window % patch:
         lo = max(patch, window // patch * patch)
         raise ValueError(f"--window {window} is not a multiple of the CLIP's patch size {patch}; use {lo} or {lo + patch}")
+
+
+def half_window(window, patch):
+    """The default stride of a window without a configured one: half of it, in whole patches."""
+    return max(patch, window // 2 // patch * patch)
 
 
 def scaled_stride(stride, window, patch, authors_window=448):
@@ -270,8 +283,10 @@ def text_embeddings(clip, names, templates=("a photo of a {}.",), batch_size=256
 
 def tag_embeddings(clip, tags, cache_path=None):
     """The fixed tag embeddings c_k of Eq. 1 ("A photo of a {tag}."), cached on disk when a path is given. The
-    cache is keyed by the tag list and a fingerprint of the text encoder, so a stale file is recomputed."""
+    cache is keyed by the tag list and a fingerprint of the text encoder (its projection and its activation, which
+    has no weights to hash), so a stale file is recomputed."""
     fingerprint = hashlib.sha256(clip.text_projection.detach().cpu().float().numpy().tobytes()).hexdigest()[:16]
+    fingerprint += "quickgelu" if clip.cfg.quick_gelu else "gelu"
     key = hashlib.sha256(("\n".join(tags) + TAG_TEMPLATE + fingerprint).encode()).hexdigest()
     if cache_path and os.path.isfile(cache_path):
         cached = torch.load(cache_path, map_location="cpu", weights_only=True)
@@ -717,7 +732,8 @@ def main(argv=None):
     print(f"CLIP: {clip_model.describe(model.clip)}", file=sys.stderr)
     text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
     features = feature_fn(model, args.method)
-    kw = dict(window=window, stride=args.stride or window // 2, short_side=args.short_side or window,
+    kw = dict(window=window, stride=args.stride or half_window(window, model.clip.visual.patch_size),
+              short_side=args.short_side or window,
               clip_weight=args.clip_weight)
     labels, scores = segment(features, img, text_emb, rule=args.rule, bg_threshold=args.bg_threshold,
                              use_pamr=args.pamr, **kw)

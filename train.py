@@ -395,12 +395,20 @@ def scaled_lr(lr, global_batch):
 
 
 RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels", "clip",
-                 "clip_act", "surgery_layers", "image_size", "precision", "tag_loss", "tag_average", "trained_terms")
+                 "precision", "tag_loss", "tag_average", "trained_terms")
+# What follows the backbone, compared as resolved (a default of None or 'auto' equals what it resolved to then).
+RESOLVED_FIELDS = ("surgery_layers", "image_size", "clip_quick_gelu")
 
 
-def check_resume(saved, current, path):
+def resolved_of(ckpt):
+    """The resolved backbone settings a checkpoint was trained with (older checkpoints lack the image size)."""
+    saved = {"surgery_layers": ckpt["config"]["surgery_layers"], "clip_quick_gelu": tagalign.recorded_activation(ckpt)}
+    return {**saved, **({"image_size": ckpt["data"]["image_size"]} if "image_size" in ckpt["data"] else {})}
+
+
+def check_resume(saved, current, path, fields=RESUME_FIELDS):
     """Refuse to resume when anything that decides the data order or the labels differs, naming the field."""
-    for field in RESUME_FIELDS:
+    for field in fields:
         if field not in saved:
             print0(f"warning: {path} does not record '{field}' (an older train.py); it cannot be checked")
         elif saved[field] != current[field]:
@@ -411,8 +419,8 @@ def check_resume(saved, current, path):
                 new = f"{len(new)} files, #{diff} = {new[diff] if diff < len(new) else None}"
             raise ValueError(f"--resume: '{field}' differs from the run that wrote {path} ({old} there, {new} now). "
                              "An exact resume needs the same processes, --workers, --batch-size, --global-batch-size, "
-                             "--seed, --shuffle-buffer, data files, labels, CLIP and --clip-act, --surgery-layers, "
-                             "--image-size, precision, tag "
+                             "--seed, --shuffle-buffer, data files, labels, CLIP and its activation, surgery layers, "
+                             "crop size, precision, tag "
                              "loss and switched-off terms; start a new --out to change them")
 
 
@@ -465,8 +473,7 @@ def train(args, rank, world, device):
                                     ("itc", args.itc_weight)) if w]
     run = {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": global_batch,
            "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
-           "labels": labels_fingerprint(args.labels), "clip": args.clip, "clip_act": args.clip_act,
-           "surgery_layers": args.surgery_layers, "image_size": args.image_size,
+           "labels": labels_fingerprint(args.labels), "clip": args.clip,
            "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
            "trained_terms": trained_terms}
     ckpt = None
@@ -490,6 +497,11 @@ def train(args, rank, world, device):
     raw_model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=args.surgery_layers)).to(device)
     print0(f"CLIP {args.clip}: {clip_model.describe(clip)}; surgery on the last {raw_model.cfg.surgery_layers} "
            f"blocks, crops of {image_size} px")
+    resolved = {"surgery_layers": raw_model.cfg.surgery_layers, "image_size": image_size,
+                "clip_quick_gelu": clip.cfg.quick_gelu}
+    if ckpt is not None:
+        check_resume(resolved_of(ckpt), resolved, ckpt_path, fields=[f for f in RESOLVED_FIELDS if f in resolved_of(ckpt)])
+    run.update(image_size=image_size)  # recorded with the data state (surgery and activation are in the checkpoint)
     tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
     emb = {k: tagalign.tag_embeddings(clip, tags[k], os.path.join(args.out, f"tag_embeddings_{k}.pt") if master else None).to(device)
            for k in ("objects", "attributes") if tags[k]}

@@ -186,9 +186,13 @@ def test_plain_and_open_clip_checkpoint_formats(tmp_path, tiny_state_dict, tiny_
     wrapped = {"epoch": 3, "state_dict": {"module." + k: v.half() for k, v in tiny_state_dict.items()}}
     torch.save(plain, tmp_path / "plain.pt")
     torch.save(wrapped, tmp_path / "epoch_3-quickgelu.pt")
+    # an open_clip training checkpoint whose run name holds the model name; logit_bias (unused here) is dropped
+    named = {"epoch": 3, "name": "2024_05_01-model_ViT-B-32-quickgelu-lr_0.0005-b_256",
+             "state_dict": {**wrapped["state_dict"], "module.logit_bias": torch.tensor(-10.0)}}
+    torch.save(named, tmp_path / "epoch_3.pt")
     save_file({k: v.half().contiguous() for k, v in tiny_state_dict.items()}, str(tmp_path / "model.safetensors"))
     for name, flag, why in [("plain.pt", True, "as asked"), ("epoch_3-quickgelu.pt", None, "'quickgelu' in its name"),
-                            ("model.safetensors", True, "as asked")]:
+                            ("model.safetensors", True, "as asked"), ("epoch_3.pt", None, "'quickgelu' in its name")]:
         model = clip_model.load(str(tmp_path / name), quick_gelu=flag)
         assert model.activation == f"QuickGELU ({why})"
         with torch.no_grad():

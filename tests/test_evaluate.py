@@ -919,3 +919,19 @@ def test_window_and_strides_follow_a_patch_14_backbone(compared, tmp_path):
     assert "--clip-act gelu" in command and "--window 112 --short-side 112" in command
     with pytest.raises(SystemExit, match="--window 100 is not a multiple of the CLIP's patch size 14; use 98 or 112"):
         run_main(base + ["--window", "100", "--out", str(tmp_path / "bad")])
+
+
+def test_the_rerun_command_carries_every_changed_setting(compared, tmp_path):
+    """Every result-changing flag away from its default (templates, background threshold, stride, clip weight,
+    rule, sizes, PAMR): the printed command reruns to the same table, and each flag is in it with its value."""
+    import shlex
+    flags = ["--templates", "tcl9", "--bg-threshold", "0.3", "--stride", "32", "--clip-weight", "0.3", "--rule", "v1",
+             "--window", "64", "--short-side", "80", "--pamr"]
+    _, printed = run_main(["--clip", str(compared.root / "clip.pt"), "--methods", "surgery", "--datasets", "voc",
+                           "--data-root", str(compared.root), "--out", str(tmp_path / "first")] + flags)
+    command = shlex.split(json.load(open(tmp_path / "first" / "results.json"))["command"])
+    for flag, value in zip(flags[:-1:2], flags[1::2]):
+        assert command[command.index(flag) + 1] == value, flag
+    assert "--pamr" in command and command[command.index("--clip-act") + 1] == "gelu"
+    run_main(command[2:command.index("--out")] + ["--out", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "results.csv").read_text() == (tmp_path / "first" / "results.csv").read_text()

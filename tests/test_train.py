@@ -301,8 +301,14 @@ def test_resume_refuses_a_changed_run_and_applies_a_new_lr(setup, tmp_path):
     write_labels(str(tmp_path / "labels2"), items, untagged={"000000004"})  # one sample's tags differ
     with pytest.raises(ValueError, match="'labels' differs"):
         train.main(base_args(setup, out, **{"--steps": 3, "--labels": tmp_path / "labels2"}) + ["--resume"])
+    # backbone settings are compared as resolved: the default surgery (the last half: 4 of the tiny CLIP's 8) equals
+    # an explicit --surgery-layers 4, while 3, another crop size or another activation are refused
+    for flag, value, field in (("--surgery-layers", "3", "surgery_layers"), ("--image-size", "32", "image_size"),
+                               ("--clip-act", "quickgelu", "clip_quick_gelu")):
+        with pytest.raises(ValueError, match=f"'{field}' differs"):
+            train.main(base_args(setup, out, **{"--steps": 3, flag: value}) + ["--resume"])
     # a new --lr wins over the optimizer's saved one, and says so: 0.25 x 4 / 4096
-    train.main(base_args(setup, out, **{"--steps": 3, "--lr": 0.25}) + ["--resume"])
+    train.main(base_args(setup, out, **{"--steps": 3, "--lr": 0.25, "--surgery-layers": 4}) + ["--resume"])
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.25 * 4 / 4096] * 2
     assert "lr 0.000244" in open(out / "log.txt").read().splitlines()[-1]
@@ -509,6 +515,17 @@ def test_a_patch_14_backbone_trains_and_segments_with_its_own_defaults(setup, tm
 
     model = tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "renamed.pt"))
     assert model.clip.cfg.quick_gelu and model.clip.activation == "QuickGELU (recorded in the TagAlign checkpoint)"
+    # a checkpoint from before the field existed was trained with QuickGELU (the only activation then)
+    old = {k: v for k, v in ckpt.items() if k != "clip_quick_gelu"}
+    torch.save(old, tmp_path / "old.pt")
+    assert tagalign.load_model(str(tmp_path / "old.pt"), str(tmp_path / "renamed.pt")).clip.cfg.quick_gelu
+    # the tag embedding cache knows the activation: the same weights with GELU are embedded afresh
+    cache = str(tmp_path / "run" / "tag_embeddings_objects.pt")
+    cached = torch.load(cache, weights_only=True)["embeddings"]
+    names = [e["tag"] for e in json.load(open(setup / "labels" / "vocab.json"))["objects"]]
+    assert torch.equal(tagalign.tag_embeddings(model.clip, names, cache), cached)
+    gelu = clip_model.load(str(tmp_path / "renamed.pt"), quick_gelu=False)
+    assert (tagalign.tag_embeddings(gelu, names, cache) - cached).abs().max() > 1e-4
     with pytest.raises(ValueError, match="trained on a CLIP with QuickGELU.*pass --clip-act quickgelu"):
         tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "renamed.pt"), quick_gelu=False)
 
