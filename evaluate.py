@@ -881,8 +881,7 @@ def main(argv=None):
             f.write(text + "\n")
         print(text)
         print(f"\ntable also in {os.path.join(args.out, 'results.csv')} and results.md; per-class IoU in results.json")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    tagalign.end_distributed()
     return results
 
 

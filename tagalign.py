@@ -23,6 +23,7 @@ What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
 - Training-free baselines on the same backbone: MaskCLIP, SCLIP, ClearCLIP, NACLIP and plain CLIP.
 """
 import argparse
+import gc
 import hashlib
 import math
 import os
@@ -344,6 +345,19 @@ def init_distributed():
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def end_distributed(finished=True):
+    """The end of a torchrun process. finished: every rank got here normally, so a barrier first (no rank tears its
+    connections down while another still sends); after an error there is no barrier (the others may never come).
+    Then the process group is destroyed and the garbage collected now: DDP keeps it in reference cycles, and a gloo
+    group freed only in interpreter teardown can abort the process ("terminate called without an active
+    exception", exit -6) after the work is done."""
+    if dist.is_initialized():
+        if finished:
+            dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def fetch_clip_once(name):

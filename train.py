@@ -439,9 +439,10 @@ def main(argv=None):
     rank, world, device = tagalign.init_distributed()  # the one DDP block (torchrun, or one CPU/GPU process)
     try:
         train(args, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        tagalign.end_distributed(finished=False)
+        raise
+    tagalign.end_distributed()
 
 
 def train(args, rank, world, device):
