@@ -868,7 +868,7 @@ def shard_samples(files, shard, num_shards, report_bad, **read_kw):
                 index += 1
         except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, csv.Error,
                 KeyError, ValueError) as e:
-            report_bad(path, f"{type(e).__name__}: {e}")
+            report_bad(path, f"{type(e).__name__}: {e}; skipped from there (the captions before it are kept)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1210,13 +1210,24 @@ IMPORT_BATCH = 1 << 16      # index entries hashed and looked up together (numpy
 MAX_OUT_OF_RANGE = 0.01     # a larger share of index entries with tag indices outside the CSV: mismatched files
 _SPACE = re.compile(rb"[ \t\r\n]*")
 # One entry of the index's top-level object and the separator after it: "url": [int, ...] then "," or "}".
-# The string pattern is JSON's (escapes are decoded afterwards); the list holds no bracket, brace or quote, and
-# int() checks that the rest is integers.
-_INDEX_ENTRY = re.compile(rb'[ \t\r\n]*"([^"\\]*(?:\\.[^"\\]*)*)"[ \t\r\n]*:[ \t\r\n]*\[([^\][{}"]*)\][ \t\r\n]*([,}])')
+# JSON's grammar: a string without raw control characters (escapes are decoded afterwards by json; the bytes are
+# not checked to be UTF-8: a URL is matched as bytes) and a list of JSON integers (no "+1", "01", "1_0" or "1.0",
+# all of which Python's int() or float() would accept).
+_WS = rb"[ \t\r\n]*"
+_JSON_INT = rb"-?(?:0|[1-9][0-9]*)"
+_INDEX_ENTRY = re.compile(_WS + rb'"([^"\\\x00-\x1f]*(?:\\.[^"\\\x00-\x1f]*)*)"' + _WS + rb":" + _WS +
+                          rb"\[(" + _WS + rb"(?:" + _JSON_INT + _WS + rb"(?:," + _WS + _JSON_INT + _WS + rb")*)?)\]" +
+                          _WS + rb"([,}])")
 
 
 def _is_int(text):
     return re.fullmatch(r"\s*[+-]?\d+\s*", text) is not None
+
+
+def _preview(cells, n=6):
+    """A list for an error message, cut to its first n items (a one-line list of 4,585 tags is no message)."""
+    shown = ", ".join(repr(c[:40] if isinstance(c, str) else c) for c in cells[:n])
+    return f"[{shown}{f', ... ({len(cells):,} in all)' if len(cells) > n else ''}]"
 
 
 def read_tag_names(path, column=None, header="auto"):
@@ -1238,6 +1249,9 @@ def read_tag_names(path, column=None, header="auto"):
     if not rows:
         raise ValueError(f"{path}: no rows; expected the tag names, one per row in index order")
     width = max(len(r) for r in rows)
+    if len(rows) == 1 and width > 2:
+        raise ValueError(f"{path}: one row of {width:,} columns {_preview(rows[0])}; expected one tag per row (the "
+                         "row is the tag index): write the names one per line")
     rows = [r + [""] * (width - len(r)) for r in rows]
     below = rows[1:] or rows
 
@@ -1247,20 +1261,21 @@ def read_tag_names(path, column=None, header="auto"):
     if header == "auto":
         first = [cell.strip().lower() for cell in rows[0]]
         has_header = (len(rows) > 1 and any(all_ints(c, below) and not _is_int(rows[0][c]) for c in range(width))
-                      or (column is not None and not str(column).isdigit() and str(column).lower() in first)
+                      or (column is not None and not str(column).isdigit() and str(column).strip().lower() in first)
                       or any(cell in TAG_HEADER_WORDS for cell in first))
     else:
         has_header = header == "yes"
     names_row = rows[0] if has_header else None
     data = rows[1:] if has_header else rows
     if not data:
-        raise ValueError(f"{path}: only a header row ({rows[0]}); expected the tag names below it")
-    shape = f"{len(rows)} rows of {width} column(s), first row {rows[0]}"
+        raise ValueError(f"{path}: only a header row {_preview(rows[0])}; expected the tag names below it")
+    shape = f"{len(rows):,} rows of {width} column(s), first row {_preview(rows[0])}"
+    header_names = [cell.strip().lower() for cell in names_row] if names_row else []
     if column is not None:
         if str(column).isdigit() and int(column) < width:
             col = int(column)
-        elif names_row and column in names_row:
-            col = names_row.index(column)
+        elif str(column).strip().lower() in header_names:  # a header name, in any case
+            col = header_names.index(str(column).strip().lower())
         else:
             raise ValueError(f"{path}: no column {column!r} ({shape}); give --tag-column a header name or a "
                              "0-based column number")
@@ -1270,7 +1285,7 @@ def read_tag_names(path, column=None, header="auto"):
             text_cols = [c for c in text_cols if names_row[c].strip().lower() in TAG_HEADER_WORDS] or text_cols
         if len(text_cols) != 1:
             what = "no column of names (every column is integers)" if not text_cols else \
-                f"several text columns {text_cols}, none of them named like a tag column"
+                f"several text columns {_preview(text_cols)}, none of them named like a tag column"
             raise ValueError(f"{path}: {what} ({shape}); say which with --tag-column NAME|NUMBER")
         col = text_cols[0]
     K = len(data)
@@ -1319,6 +1334,8 @@ def read_url_index(path, chunk_size=INDEX_CHUNK):
                              '{"image url": [tag index, ...], ...} as in the released CC12M_url_object_index.json')
 
         refill()
+        while len(buf) < 3 and not eof:  # enough bytes to see a byte-order mark, whatever the chunk size
+            refill()  # pos is 0 here: appends
         if buf.startswith(b"\xef\xbb\xbf"):
             pos = 3
         if peek() != b"{":
@@ -1357,20 +1374,32 @@ def url_hash(url):
     return hashlib.blake2b(url, digest_size=8).digest()
 
 
-def shard_metadata(path):
+def read_parquet_metadata(parquet):
+    """img2dataset's `{shard}.parquet` -> (keys, urls, statuses or None), one columnar read (pyarrow)."""
+    import pyarrow.parquet as pq
+    names = pq.read_schema(parquet).names
+    if "key" not in names or "url" not in names:
+        raise ValueError(f"no 'key' and 'url' columns (columns: {names})")
+    table = pq.read_table(parquet, columns=[c for c in ("key", "url", "status") if c in names]).to_pydict()
+    return table["key"], table["url"], table.get("status")
+
+
+def shard_metadata(path, warn=lambda file, message: print(f"{file}: {message}", file=sys.stderr)):
     """Yield (key, url or None, status or None) for each sample of an img2dataset shard, without reading images:
     from `{shard}.parquet` beside `{shard}.tar` when pyarrow is installed (one columnar read), else from the tar's
-    `{key}.json` members (other members are skipped by a seek). Also yields (key, False, None) once for a key that
-    has members but no .json (no URL to match). Raises on a corrupt shard after yielding what it could read."""
+    `{key}.json` members (other members are skipped by a seek). A parquet file that cannot be read is reported
+    through warn(file, message) and the tar is read instead. Also yields (key, False, None) once for a key that has
+    members but no .json (no URL to match). Raises on a corrupt shard after yielding what it could read."""
     parquet = path[:-4] + ".parquet"
     if path.endswith(".tar") and os.path.isfile(parquet) and importlib.util.find_spec("pyarrow"):
-        import pyarrow.parquet as pq
-        names = pq.read_schema(parquet).names
-        table = pq.read_table(parquet, columns=[c for c in ("key", "url", "status") if c in names]).to_pydict()
-        if "key" not in table or "url" not in table:
-            raise ValueError(f"{parquet} has no 'key' and 'url' columns (columns: {names})")
-        yield from zip(table["key"], table["url"], table.get("status") or [None] * len(table["key"]))
-        return
+        try:
+            keys, urls, statuses = read_parquet_metadata(parquet)
+        except Exception as e:  # pyarrow's errors are OSError, ValueError or its own ArrowException
+            warn(parquet, f"unreadable ({type(e).__name__}: {str(e)[:200]}); the URLs were read from the .json "
+                 f"members of {os.path.basename(path)} instead")
+        else:
+            yield from zip(keys, urls, statuses or [None] * len(keys))
+            return
     with tarfile.open(path) as tar:  # random access: members that are not read are seeked over
         others, metadata = set(), set()
         for member in tar:
@@ -1390,12 +1419,12 @@ def shard_metadata(path):
 
 def _shard_urls(path):
     """One shard's samples for read_shard_urls (a worker process's job): (path, keys, their URLs' url_hash,
-    which keys have a URL (one byte each), counts, error message or None). Samples whose status is not success
+    which keys have a URL (one byte each), counts, error message or None, warnings). Samples whose status is not success
     (the parquet lists failed downloads too) are not samples. On a read error, what was read before it is kept
     (train.py reads that much of the shard too)."""
-    keys, hashes, with_url, counts, error = [], bytearray(), bytearray(), Counter(), None
+    keys, hashes, with_url, counts, error, warnings = [], bytearray(), bytearray(), Counter(), None, []
     try:
-        for key, url, status in shard_metadata(path):
+        for key, url, status in shard_metadata(path, lambda *w: warnings.append(w)):
             if url is False:
                 counts["without_metadata"] += 1
             elif status is not None and status != "success":
@@ -1408,8 +1437,9 @@ def _shard_urls(path):
                 else:
                     counts["without_url"] += 1
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        error = f"{type(e).__name__}: {e}"
-    return path, keys, bytes(hashes), bytes(with_url), counts, error
+        error = f"{type(e).__name__}: {e}; the {len(keys):,} samples read before it are kept"
+    counts["unreadable_parquet"] += len(warnings)
+    return path, keys, bytes(hashes), bytes(with_url), counts, error, warnings
 
 
 def read_shard_urls(files, report_bad, workers=1):
@@ -1417,17 +1447,19 @@ def read_shard_urls(files, report_bad, workers=1):
     key is fixed-width digits (img2dataset's; key_width digits), else a list of str (key_width 0); hashes/rows:
     url_hash of each sample's URL and its position in keys (samples without a URL have none). workers > 1 reads
     that many shards at a time in worker processes (tarfile's header parsing is the cost: ~20k samples/s a
-    core). A shard that fails to read is reported through report_bad(file, error)."""
+    core). A shard that fails to read, or its parquet file, is reported through report_bad(file, error)."""
     int_keys, str_keys, width = array("q"), None, None
     hashes, rows = bytearray(), []
-    counts = Counter(not_success=0, without_url=0, without_metadata=0, bad_shards=0)
+    counts = Counter(not_success=0, without_url=0, without_metadata=0, bad_shards=0, unreadable_parquet=0)
     pool = None
     if workers > 1 and len(files) > 1:
         import multiprocessing
         pool = multiprocessing.get_context().Pool(min(workers, len(files)))
     try:
-        for path, keys, shard_hashes, with_url, shard_counts, error in \
+        for path, keys, shard_hashes, with_url, shard_counts, error, warnings in \
                 (pool.imap(_shard_urls, files) if pool else map(_shard_urls, files)):
+            for parquet, message in warnings:
+                report_bad(parquet, message)
             if error:
                 counts["bad_shards"] += 1
                 report_bad(path, error)
@@ -1452,16 +1484,20 @@ def read_shard_urls(files, report_bad, workers=1):
     return keys, width, np.frombuffer(hashes, dtype=np.uint64), rows, dict(counts)
 
 
-def _labels_for_entries(batch, sorted_hashes, sorted_rows, K):
+def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits):
     """One batch of index entries (url hashes, list lengths, flat tag indices) joined with the shard samples:
-    (row << 32 | tag) pairs, entries found, entries with out-of-range indices, smallest and largest index."""
+    (row << 32 | tag) pairs, entries found, entries with out-of-range indices, with indices below 0 or above K,
+    with an index equal to K (one past the list: the off-by-one sign), smallest and largest index. Adds to tag_uses (K: how often each tag is in the index) and url_hits (per shard URL: index entries naming
+    it; above 1 when the index lists a URL twice)."""
     h = np.frombuffer(batch[0], dtype=np.uint64)
     lengths = np.frombuffer(batch[1], dtype=np.int64)
     ids = np.frombuffer(batch[2], dtype=np.int64)
     entry_of = np.repeat(np.arange(len(h)), lengths)
     bad = (ids < 0) | (ids >= K)
+    tag_uses += np.bincount(ids[~bad], minlength=K)
     left = np.searchsorted(sorted_hashes, h, "left")
     matches = np.searchsorted(sorted_hashes, h, "right") - left
+    np.add.at(url_hits, left[matches > 0], 1)  # a URL held by several samples: counted at the first of them
     one = (matches == 1)[entry_of] & ~bad  # the usual case, vectorised: an index URL held by one sample
     pairs = [sorted_rows[left[entry_of[one]]] << 32 | ids[one]]
     starts = np.cumsum(lengths) - lengths
@@ -1470,20 +1506,36 @@ def _labels_for_entries(batch, sorted_hashes, sorted_rows, K):
         tags = tags[(tags >= 0) & (tags < K)]
         pairs += [sorted_rows[j] << 32 | tags for j in range(left[e], left[e] + matches[e])]
     bounds = (int(ids.min()), int(ids.max())) if len(ids) else None
-    return pairs, int((matches > 0).sum()), len(np.unique(entry_of[bad])), bounds
+    far = len(np.unique(entry_of[(ids < 0) | (ids > K)]))
+    return pairs, int((matches > 0).sum()), len(np.unique(entry_of[bad])), far, len(np.unique(entry_of[ids == K])), \
+        bounds
 
 
 def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_column=None, tags_header="auto",
-                workers=1):
+                workers=1, log=lambda message: print(message, file=sys.stderr)):
     """The authors' released object tags -> vocab.json + labels.pt for train.py, no parsing: each shard sample's
     URL (from its metadata) is looked up in the index, and the URL's tag indices become the sample's object
     labels. The vocabulary is the CSV's K tags in the CSV's order (label index i is the authors' tag i), each kept
     even when no sample has it (a model trained on the part of CC12M still reachable keeps the authors' K-tag
     list; train.py's balanced loss gives a zero-frequency tag no weight); counts and frequencies are over the
-    shard samples. No attributes: the authors released none. Memory: about 24 bytes per shard sample and 8 per
-    (sample, tag) pair, one index chunk, never a Python string per URL. Returns the report (counts)."""
+    shard samples. No attributes: the authors released none. An index that lists a URL twice gives its samples the
+    union of both lists (json.load would keep the last); the report counts such URLs.
+    Memory grows with the shards and the pairs, not with the index: at its peak about 80 bytes per shard sample
+    (key, URL hash, row, their sort; more when keys are not img2dataset's digits and stay Python strings) and
+    about 26 bytes per (sample, tag) pair while the pairs are sorted, plus one index chunk and an 8-byte count
+    per tag; never a Python object per index URL (benchmarks/bench_parse_import.py measures it).
+    The header guess is checked against the index, since a wrong one shifts every tag by one: a guessed header
+    (no --tags-header) with index entries using K (one past the list), or with no header found and the last row
+    used by no entry, is refused with the flags that settle it; an index that uses K and never 0 (1-based) is
+    refused whatever the flags; with an explicit --tags-header, entries using K are dropped and warned about. log(message) gets the CSV reading before the long part starts.
+    Returns the report (counts)."""
     names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
     K = len(names)
+    header = csv_info["header"]
+    log(f"{tags_path}: {K:,} tags from column {csv_info['column']}; "
+        f"{f'header row {_preview(header)} skipped' if header else 'no header row (the first row is tag 0)'}"
+        f" ({'decided by --tags-header' if tags_header != 'auto' else 'guessed; --tags-header yes|no overrides'});"
+        f" tags 0.. {_preview(names, 3)}, last tag ({K - 1}) {names[-1]!r}")
     os.makedirs(out_dir, exist_ok=True)
     keys, width, hashes, rows, counts = read_shard_urls(shard_files, report_bad, workers)
     if not len(keys):
@@ -1495,18 +1547,33 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     # one row per distinct key, in key order (LabelTable's); a key seen twice gets the union of its tags
     samples_read = len(keys)
     keys, inverse = np.unique(np.asarray(keys), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(keys) < samples_read:  # fine for a shard listed twice; two downloads sharing keys would mix labels
+        url_of = np.zeros(samples_read, dtype=np.uint64)
+        url_of[rows] = hashes
+        has_url = np.zeros(samples_read, dtype=np.int64)
+        has_url[rows] = 1
+        seen = np.unique(np.stack([inverse, url_of.view(np.int64), has_url], axis=1), axis=0)
+        if len(seen) > len(keys):
+            k = seen[1:, 0][seen[1:, 0] == seen[:-1, 0]][0]
+            raise ValueError(f"key {str(keys[k]).zfill(width)} belongs to two shard samples with different URLs: "
+                             "shards of two downloads that reuse img2dataset's keys would mix their labels; import "
+                             "each download into its own --out (train.py takes one --labels per run)")
+        del url_of, has_url, seen
     order = np.argsort(hashes, kind="stable")
-    sorted_hashes, sorted_rows = hashes[order], inverse.reshape(-1)[rows[order]]
+    sorted_hashes, sorted_rows = hashes[order], inverse[rows[order]]
     del order, inverse, rows, hashes
 
-    entries = found = bad_entries = 0
+    entries = found = bad_entries = far_entries = at_k = 0
     lo, hi, first_url, pairs = None, None, None, []
+    tag_uses, url_hits = np.zeros(K, dtype=np.int64), np.zeros(len(sorted_hashes), dtype=np.int32)
 
     def join(batch):
-        nonlocal found, bad_entries, lo, hi
-        new, n_found, n_bad, bounds = _labels_for_entries(batch, sorted_hashes, sorted_rows, K)
+        nonlocal found, bad_entries, far_entries, at_k, lo, hi
+        new, n_found, n_bad, n_far, n_at_k, bounds = _labels_for_entries(batch, sorted_hashes, sorted_rows, K,
+                                                                         tag_uses, url_hits)
         pairs.extend(new)
-        found, bad_entries = found + n_found, bad_entries + n_bad
+        found, bad_entries, far_entries, at_k = found + n_found, bad_entries + n_bad, far_entries + n_far, at_k + n_at_k
         if bounds:
             lo = bounds[0] if lo is None else min(lo, bounds[0])
             hi = bounds[1] if hi is None else max(hi, bounds[1])
@@ -1520,15 +1587,39 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
         try:
             batch[2].extend(tags)
         except OverflowError:
-            raise ValueError(f"{index_path}: tag index {max(tags)} of {url[:120]!r} does not fit 64 bits") from None
+            huge = next(t for t in tags if not -2 ** 63 <= t < 2 ** 63)
+            raise ValueError(f"{index_path}: {url[:120]!r} has the tag index {huge}, which is no row of any tag list "
+                             "(it does not fit 64 bits): the index file is damaged; fetch it again") from None
         if len(batch[1]) == IMPORT_BATCH:
             join(batch)
             batch = (bytearray(), array("q"), array("q"))
     join(batch)
+    mismatch = (f"{bad_entries:,} of {entries:,} index entries have tag indices outside 0..{K - 1} (seen {lo}..{hi}) "
+                f"but {tags_path} has {K} tags: the tag list does not belong to this index (or was read with a wrong "
+                "header/column: see --tags-header, --tag-column)")
+    if far_entries > MAX_OUT_OF_RANGE * entries:  # far outside, not one past: another list
+        raise ValueError(mismatch)
+    if at_k:  # the classic off-by-one: every tag would be shifted by one, which trains without a complaint
+        past = (f"{at_k:,} index entries use tag index {K}, one past the last of the {K:,} tags read from "
+                f"{tags_path} (index range {lo}..{hi})")
+        if lo is not None and lo >= 1:  # never 0 and up to K: counted from 1 (or the list lost its first row)
+            raise ValueError(f"{index_path}: {past} and none uses 0: the index counts tags from 1, or the list lacks "
+                             "its first row; this import takes the authors' 0-based row numbers")
+        if tags_header == "auto":
+            raise ValueError(f"{index_path}: {past}: " + (
+                f"the first row {_preview(header)} was read as a header; pass --tags-header no if it is a tag, "
+                "--tags-header yes if it is a header (then those indices are dropped as out of range)" if header else
+                "is the tag list missing its last row? pass --tags-header no to import anyway (those indices are "
+                "then dropped as out of range)"))
+        log(f"warning: {past}; with --tags-header {tags_header} they are dropped as out of range" +
+            (f"; if the skipped first row {_preview(header)} is a tag, every tag is shifted by one: use "
+             "--tags-header no" if header else ""))
     if bad_entries > MAX_OUT_OF_RANGE * entries:
-        raise ValueError(f"{bad_entries:,} of {entries:,} index entries have tag indices outside 0..{K - 1} (seen "
-                         f"{lo}..{hi}) but {tags_path} has {K} tags: the tag list does not belong to this index "
-                         "(or was read with a wrong header/column: see --tags-header, --tag-column)")
+        raise ValueError(mismatch)
+    if entries and not header and tags_header == "auto" and tag_uses[-1] == 0 and tag_uses[0] > 0:
+        raise ValueError(f"{index_path}: no entry uses the last tag ({K - 1}: {names[-1]!r}) while the first row "
+                         f"{names[0]!r} was read as tag 0: if that row is a header, every tag is shifted by one; "
+                         "pass --tags-header yes if it is a header, --tags-header no if it is a tag")
     if found == 0:
         key = str(keys[0]).zfill(width)
         url = first_url.decode("utf-8", "replace")[:120] if first_url else None
@@ -1559,7 +1650,10 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
             "bad_shards": counts["bad_shards"], "samples": n, "samples_without_tags": untagged,
             "samples_without_tags_pct": round(100 * untagged / n, 2), "samples_without_url": counts["without_url"],
             "duplicate_keys": samples_read - n, "not_success_skipped": counts["not_success"],
-            "keys_without_metadata": counts["without_metadata"], "tags_without_samples": tag_counts.count(0)}
+            "keys_without_metadata": counts["without_metadata"], "tags_without_samples": tag_counts.count(0),
+            "tags_not_in_index": int((tag_uses == 0).sum()), "index_entries_at_K": at_k,
+            "found_urls_listed_twice": int((url_hits > 1).sum()),
+            "unreadable_parquet": counts["unreadable_parquet"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1584,10 +1678,27 @@ def count_samples(files):
 def bad_file_reporter(errors_path):
     """report_bad(path, error) for the readers: a line on stderr and a JSONL record in errors_path."""
     def report_bad(path, error):
-        print(f"\nbad input file skipped: {path}: {error}", file=sys.stderr)
+        print(f"\nbad input file: {path}: {error}", file=sys.stderr)
         with open(errors_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"file": path, "error": error}) + "\n")
     return report_bad
+
+
+def import_summary(r, out, errors):
+    """The import report for a person: what was matched, what was lost, and what to look at."""
+    lines = [f"imported {r['tags']:,} tags: {r['index_urls_found']:,} of {r['index_urls']:,} index URLs found in the "
+             f"shards ({r['index_urls_found_pct']}%); {r['samples']:,} shard samples, {r['samples_without_tags']:,} "
+             f"without tags ({r['samples_without_tags_pct']}%) -> {out}/vocab.json, labels.pt",
+             f"  tags: {r['tags_without_samples']:,} on no shard sample, {r['tags_not_in_index']:,} in no index entry, "
+             f"{r['duplicate_tag_names']:,} duplicate names; index tag range {r['index_range']}, "
+             f"{r['index_entries_out_of_range']:,} entries with indices outside the list (those indices dropped)",
+             f"  samples: {r['samples_without_url']:,} without a url, {r['keys_without_metadata']:,} keys without "
+             f".json, {r['not_success_skipped']:,} failed downloads skipped, {r['duplicate_keys']:,} keys read twice "
+             f"(merged); {r['found_urls_listed_twice']:,} of the URLs found are listed twice in the index (tags merged)"]
+    if r["bad_shards"] or r["unreadable_parquet"]:
+        lines.append(f"  {r['bad_shards']:,} unreadable shards (what was read before the error is kept), "
+                     f"{r['unreadable_parquet']:,} unreadable parquet files (their tars were read): see {errors}")
+    return "\n".join(lines)
 
 
 def main():
@@ -1641,15 +1752,13 @@ def main():
             if not (args.tags and args.index and args.shards):
                 raise ValueError("import needs --tags object_list.csv, --index CC12M_url_object_index.json and "
                                  "--shards 'cc12m/*.tar'")
+            errors = os.path.join(args.out, "errors.import.jsonl")
+            if os.path.exists(errors):  # an import starts over, so its error list does too
+                os.remove(errors)
             report = import_tags(args.tags, args.index, input_files(args.shards), args.out,
-                                 bad_file_reporter(os.path.join(args.out, "errors.import.jsonl")),
-                                 args.tag_column, args.tags_header, args.workers)
+                                 bad_file_reporter(errors), args.tag_column, args.tags_header, args.workers)
             print(json.dumps(report))
-            print(f"imported {report['tags']:,} tags: {report['index_urls_found']:,} of {report['index_urls']:,} "
-                  f"index URLs found in the shards ({report['index_urls_found_pct']}%); {report['samples']:,} shard "
-                  f"samples, {report['samples_without_tags']:,} without tags ({report['samples_without_tags_pct']}%); "
-                  f"{report['tags_without_samples']:,} tags on no sample; {report['index_entries_out_of_range']:,} "
-                  f"index entries with out-of-range tag indices -> {args.out}/vocab.json, labels.pt", file=sys.stderr)
+            print(import_summary(report, args.out, errors), file=sys.stderr)
             return
         if args.command == "merge":
             print(json.dumps(merge(args.out)))

@@ -15,7 +15,7 @@ import parse_tags
 import train
 from test_train import base_args, jpeg
 
-NAMES = ["person", "dog", "teddy bear", "café", "tree"]  # "tree" is on no sample
+NAMES = ["person", "dog", "teddy bear", "café", "tree"]  # "tree" is on no downloaded sample
 URL = {
     "a": "http://a.example/1.jpg",
     "b": 'https://b.example/p?x=1&y="q"',                 # a quote: escaped in JSON
@@ -26,7 +26,7 @@ URL = {
     "g": "http://g.example/twice.jpg",                    # downloaded twice, as two samples
     "z": "http://z.example/not-in-index.jpg",             # downloaded, not in the index
 }
-INDEX = {URL["a"]: [0, 1], URL["b"]: [2], URL["c"]: [3, 0, 3], URL["d"]: [], URL["e"]: [1], URL["f"]: [1],
+INDEX = {URL["a"]: [0, 1], URL["b"]: [2], URL["c"]: [3, 0, 3], URL["d"]: [], URL["e"]: [1, 4], URL["f"]: [1],
          URL["g"]: [2, 1]}
 SHARDS = [  # (key, url) per shard; None: the sample's .json has no url
     [("000000000", URL["a"]), ("000000001", URL["b"]), ("000000002", URL["z"]), ("000000003", URL["g"])],
@@ -39,7 +39,9 @@ EXPECTED = {"000000000": [0, 1], "000000001": [2], "000000002": [], "000000003":
 EXPECTED_COUNTS = [2, 4, 3, 1, 0]
 EXPECTED_REPORT = {"tags": 5, "index_urls": 7, "index_urls_found": 6, "samples": 9, "samples_without_tags": 3,
                    "samples_without_url": 1, "tags_without_samples": 1, "index_entries_out_of_range": 0,
-                   "duplicate_keys": 0, "bad_shards": 0, "index_range": [0, 3]}
+                   "duplicate_keys": 0, "bad_shards": 0, "index_range": [0, 4],
+                   "tags_not_in_index": 0, "index_entries_at_K": 0, "found_urls_listed_twice": 0,
+                   "unreadable_parquet": 0}
 CSV_SHAPES = {  # the same five tags as the released list might be laid out
     "one column, no header": ("object_list.csv", "\n".join(NAMES) + "\n"),
     "one column, header": ("object_list.csv", "name\n" + "\n".join(NAMES) + "\n"),
@@ -115,8 +117,9 @@ def test_index_reader_equals_json_load(tmp_path):
         path = tmp_path / f"{i}.json"
         path.write_text(doc, encoding="utf-8")
         expected = json.loads(doc.lstrip("\ufeff"))
-        got = [(url.decode("utf-8"), ids) for url, ids in parse_tags.read_url_index(str(path), chunk_size=7)]
-        assert got == list(expected.items()), doc
+        for chunk_size in (1, 7):
+            got = [(url.decode("utf-8"), ids) for url, ids in parse_tags.read_url_index(str(path), chunk_size)]
+            assert got == list(expected.items()), (doc, chunk_size)
 
 
 @pytest.mark.parametrize("doc,offset", [
@@ -128,6 +131,10 @@ def test_index_reader_equals_json_load(tmp_path):
     ('{"a": {"b": 1}}', 1),                 # not a list
     ('{"a": [1]} {}', 11),                  # data after the object
     ('{"a\\q": [1]}', 1),                   # bad escape
+    ('{"a": [+1]}', 1),                     # JSON integers have no plus sign,
+    ('{"a": [01]}', 1),                     # no leading zero,
+    ('{"a": [1_0]}', 1),                    # no underscore (all three are fine for Python's int())
+    ('{"a\x01": [1]}', 1),                   # a raw control character inside a string
 ])
 def test_index_reader_names_the_byte_of_malformed_input(tmp_path, doc, offset):
     path = tmp_path / "bad.json"
@@ -146,6 +153,7 @@ def test_csv_shapes_that_need_a_word_from_the_user(tmp_path):
     assert read("object\ncat\n")[0] == ["cat"]
     names, info = read("word,definition\ncat,an animal\ndog,another\n", column="word")
     assert names == ["cat", "dog"] and info["column"] == 0 and info["header"] == ["word", "definition"]
+    assert read("Word,Definition\ncat,an animal\n", column="WORD")[0] == ["cat"]  # header names in any case
     assert read("a,b\ncat,x\ndog,y\n", column="1", header="no")[0] == ["b", "x", "y"]
     with pytest.raises(ValueError, match="several text columns .* --tag-column"):
         read("cat,an animal\ndog,another\n")
@@ -157,13 +165,79 @@ def test_csv_shapes_that_need_a_word_from_the_user(tmp_path):
         read("name\n")
     with pytest.raises(ValueError, match="no column 'tag'"):
         read("name\ncat\n", column="tag")
+    # the names written on one line: refused in a short message (not the whole line), as are 5,000 text columns
+    many = [f"tag{i}" for i in range(5000)]
+    for text in (",".join(many) + "\n", "\n".join(",".join(many) for _ in range(2)) + "\n"):
+        with pytest.raises(ValueError) as e:
+            read(text)
+        assert len(str(e.value)) < 400 and "5,000 in all" in str(e.value), str(e.value)[:500]
+
+
+def test_a_wrong_header_guess_is_caught_by_the_index(tmp_path):
+    """A header guessed wrongly shifts every tag index by one, which trains fine and is wrong: the index's range
+    catches both directions, and --tags-header settles it."""
+    _, index, shards = write_fixture(tmp_path)
+    out = str(tmp_path / "out")
+    # "object" is a real tag here (tag 0) but a header word: the index's largest index is one past the list
+    names = ["object"] + NAMES[1:]
+    (tmp_path / "object.csv").write_text("\n".join(names) + "\n", encoding="utf-8")
+    for extra in ({}, {f"http://m.example/{i}.jpg": [i % 4] for i in range(600)} | {"http://x.example/": [999]}):
+        # (also when one stray index far above the list would hide the off-by-one behind a larger maximum)
+        (tmp_path / "index2.json").write_text(json.dumps(INDEX | extra), encoding="utf-8")
+        with pytest.raises(ValueError, match=r"1 index entries use tag index 4, one past the last of the 4 tags .* "
+                                             r"first row \['object'\] was read as a header; pass --tags-header no"):
+            parse_tags.import_tags(str(tmp_path / "object.csv"), str(tmp_path / "index2.json"), shards, out,
+                                   no_bad_shards)
+    parse_tags.import_tags(str(tmp_path / "object.csv"), index, shards, out, no_bad_shards, tags_header="no")
+    assert parse_tags.LabelTable(os.path.join(out, "labels.pt")).tags["objects"] == names
+    assert decoded(out)[1] == EXPECTED
+    # said explicitly: the user is trusted, the entries using index 4 lose that index, and the log says so
+    said = []
+    report = parse_tags.import_tags(str(tmp_path / "object.csv"), str(tmp_path / "index2.json"), shards, out,
+                                    no_bad_shards, tags_header="yes", log=said.append)  # (the 607-entry index)
+    assert report["index_entries_at_K"] == 1 and report["index_entries_out_of_range"] == 2
+    assert "if the skipped first row ['object'] is a tag, every tag is shifted by one" in said[-1]
+    # a header that is no known word: read as tag 0, so the list's last row is used by no index entry
+    (tmp_path / "titled.csv").write_text("CC12M objects v1\n" + "\n".join(NAMES) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no entry uses the last tag \(5: 'tree'\) while the first row 'CC12M "
+                                         r"objects v1' was read as tag 0.*--tags-header yes if it is a header"):
+        parse_tags.import_tags(str(tmp_path / "titled.csv"), index, shards, out, no_bad_shards)
+    parse_tags.import_tags(str(tmp_path / "titled.csv"), index, shards, out, no_bad_shards, tags_header="yes")
+    assert decoded(out)[1] == EXPECTED
+    # an index counting from 1 (said to have a header, so only the index can be wrong)
+    one_based = {url: [i + 1 for i in ids] for url, ids in INDEX.items()}
+    (tmp_path / "one.json").write_text(json.dumps(one_based), encoding="utf-8")
+    with pytest.raises(ValueError, match="use tag index 5, one past .* none uses 0: the index counts tags from 1"):
+        parse_tags.import_tags(str(tmp_path / "titled.csv"), str(tmp_path / "one.json"), shards, out, no_bad_shards,
+                               tags_header="yes")
+
+
+def test_two_downloads_sharing_keys_are_refused_and_a_huge_index_number_named(tmp_path):
+    tags, index, shards = write_fixture(tmp_path)
+    write_shard(tmp_path / "other.tar", [("000000001", URL["c"])])  # key of shard 0's sample b, another URL
+    with pytest.raises(ValueError, match="key 000000001 belongs to two shard samples with different URLs"):
+        parse_tags.import_tags(tags, index, shards + [str(tmp_path / "other.tar")], str(tmp_path / "out"),
+                               no_bad_shards)
+    (tmp_path / "huge.json").write_text('{"http://a.example/1.jpg": [1, 18446744073709551616]}', encoding="utf-8")
+    with pytest.raises(ValueError, match="has the tag index 18446744073709551616, .* the index file is damaged"):
+        parse_tags.import_tags(tags, str(tmp_path / "huge.json"), shards, str(tmp_path / "out"), no_bad_shards)
+
+
+def test_a_url_listed_twice_in_the_index_gets_both_lists(tmp_path):
+    """JSON allows a key twice (json.load keeps the last): the import takes the union and counts the URL."""
+    tags, _, shards = write_fixture(tmp_path)
+    text = json.dumps(INDEX)[:-1] + f', {json.dumps(URL["a"])}: [3]}}'
+    (tmp_path / "twice.json").write_text(text, encoding="utf-8")
+    report = parse_tags.import_tags(tags, str(tmp_path / "twice.json"), shards, str(tmp_path / "out"), no_bad_shards)
+    assert report["found_urls_listed_twice"] == 1 and report["index_urls"] == 8
+    assert decoded(tmp_path / "out")[1] == dict(EXPECTED, **{"000000000": [0, 1, 3]})
 
 
 def test_mismatched_files_fail_clearly(tmp_path):
     tags, index, shards = write_fixture(tmp_path)
     # a tag list shorter than the index's indices: most entries out of range
     (tmp_path / "short.csv").write_text("person\ndog\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"3 of 7 index entries have tag indices outside 0..1 \(seen 0..3\)"):
+    with pytest.raises(ValueError, match=r"4 of 7 index entries have tag indices outside 0..1 \(seen 0..4\)"):
         parse_tags.import_tags(str(tmp_path / "short.csv"), index, shards, str(tmp_path / "out"), no_bad_shards)
     # a few out-of-range indices (under 1% of entries) are dropped and counted
     many = {f"http://m.example/{i}.jpg": [i % 5] for i in range(300)}
@@ -205,7 +279,7 @@ def test_keys_that_are_not_img2datasets_and_a_shard_listed_twice(tmp_path):
     assert report["duplicate_keys"] == 4 and report["samples"] == 10 and report["index_urls_found"] == 7
     table = parse_tags.LabelTable(str(tmp_path / "out" / "labels.pt"))
     assert not table.numeric and len(table) == 10
-    assert {key: table.get(key)[0].tolist() for key in EXPECTED} == EXPECTED and table.get("x/extra")[0].tolist() == [1]
+    assert {key: table.get(key)[0].tolist() for key in EXPECTED} == EXPECTED and table.get("x/extra")[0].tolist() == [1, 4]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow (test-only reference) not installed")
@@ -226,6 +300,13 @@ def test_parquet_beside_the_tar_is_read_instead_of_its_members(tmp_path):
     report = parse_tags.import_tags(tags, index, shards, str(tmp_path / "out"), no_bad_shards)
     assert report["not_success_skipped"] == 2 and report["samples"] == 9 and report["index_urls_found"] == 6
     assert decoded(tmp_path / "out")[1] == EXPECTED
+    # a damaged parquet file: named, and the tar's own .json members are read instead (here: the wrong URLs)
+    (tmp_path / "00001.parquet").write_bytes(b"PAR1 truncated")
+    bad = []
+    report = parse_tags.import_tags(tags, index, shards, str(tmp_path / "out"), lambda *a: bad.append(a))
+    assert [path for path, _ in bad] == [str(tmp_path / "00001.parquet")] and "00001.tar instead" in bad[0][1]
+    assert report["unreadable_parquet"] == 1 and report["bad_shards"] == 0 and report["samples"] == 9
+    assert report["index_urls_found"] == 3  # a, b, g of shard 0 (its parquet); shard 1 from its tar: wrong URLs
 
 
 def test_command_line_and_train_on_the_imported_tags(tmp_path, monkeypatch, capsys):
@@ -251,6 +332,21 @@ def test_command_line_and_train_on_the_imported_tags(tmp_path, monkeypatch, caps
     line = open(tmp_path / "run" / "log.txt").read().splitlines()[-1]
     assert " tagged 75.0% found 100.0% " in line, line
     assert os.path.isfile(tmp_path / "run" / "ckpt.pt")
+
+
+def test_command_line_names_bad_shards_once_per_run(tmp_path, monkeypatch, capsys):
+    tags, index, shards = write_fixture(tmp_path)
+    (tmp_path / "00002.tar").write_bytes(b"this is not a tar archive" * 40)
+    out = tmp_path / "out"
+    for _ in range(2):  # an import starts over: its errors file too
+        monkeypatch.setattr(sys, "argv", ["parse_tags.py", "import", "--tags", tags, "--index", index, "--shards",
+                                          *shards, str(tmp_path / "00002.tar"), "--out", str(out), "--workers", "1"])
+        parse_tags.main()
+    errors = open(out / "errors.import.jsonl").read().splitlines()
+    assert len(errors) == 1 and json.loads(errors[0])["file"] == str(tmp_path / "00002.tar")
+    err = capsys.readouterr().err
+    assert "1 unreadable shards (what was read before the error is kept)" in err
+    assert "object_list.csv: 5 tags from column 0; header row ['name'] skipped (guessed" in err
 
 
 def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
