@@ -170,7 +170,7 @@ def _ddp_worker(rank, world, init_file, out_file, sd):
     dist.all_reduce(values)
     if rank == 0:
         torch.save({"values": values / world, "grads": grads}, out_file)
-    dist.destroy_process_group()
+    tagalign.end_distributed()  # see test_the_end_of_a_run_waits_...
 
 
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, tiny_state_dict):
@@ -529,7 +529,7 @@ def _fetch_worker(rank, world, init_file, log_dir):
     with open(log, "a") as f:
         f.write(f"loaded by {rank}\n")
     tagalign.fetch_clip_once("/a/local/file.pt")  # a path: nothing to fetch
-    dist.destroy_process_group()
+    tagalign.end_distributed()
 
 
 def test_clip_is_fetched_once_per_node_before_any_rank_loads_it(tmp_path):
