@@ -637,7 +637,7 @@ def report(header, rows, s):
         lines.append(f"| {name} | {count} | {bg} | {d['stride']} | {d['window']} | {d['short_side']} | {d['rule']} |")
     inference = [f"rule {s['rule']}, clip weight a = {s['clip_weight']}",
                  f"templates {s['templates']} ({s['template_count']}; RefCOCO: the expression itself)",
-                 f"PAMR {'on' if s['pamr'] else 'off'}"]
+                 f"PAMR {'on (each window, on its patch grid)' if s['pamr'] else 'off'}"]
     inference += [f"RefCOCO threshold {s['ref_threshold']}"] if s["ref_threshold"] is not None else []
     model = [f"CLIP {s['clip']} ({s['clip_architecture']})", f"checkpoint {s['checkpoint'] or 'none'}"]
     model += [f"tagalign's surgery layers {s['tagalign_surgery_layers']}"] if s["tagalign_surgery_layers"] else []

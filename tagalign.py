@@ -19,7 +19,8 @@ What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
   gradient across ranks. Eq. 6: L = L_obj + w_attr L_attr + lambda L_itc.
 - Eq. 7-8 (rule v3): per window P = (1 - a) softmax(30 cos(f_tagalign, t)) + a softmax(30 cos(f_clip, t));
   rule v1: 0.7 sigmoid(10 cos_tagalign - 2.5) + 0.3 sigmoid(10 cos_clip - 2.5). Sliding windows averaged over
-  overlaps, resized to the original image, background by threshold; optional PAMR (Araslanov & Roth 2020).
+  overlaps, resized to the original image, background by threshold; optional PAMR (Araslanov & Roth 2020) on
+  each window's map at its patch grid, where TCL's evaluation applies it.
 - Training-free baselines on the same backbone: MaskCLIP, SCLIP, ClearCLIP, NACLIP and plain CLIP.
 """
 import argparse
@@ -562,9 +563,12 @@ def resize_short_side(image, short_side=448, max_long_side=2048):
 
 
 @torch.no_grad()
-def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16, **rule_kw):
+def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16, use_pamr=False, **rule_kw):
     """Class maps of a normalised image (1, 3, H, W): windows batched through `features`, each window's map
-    bilinearly upsampled to the window and averaged over overlaps -> (C, H, W)."""
+    bilinearly upsampled to the window and averaged over overlaps -> (C, H, W).
+    use_pamr: PAMR refines each window's map on its own patch grid before the upsampling, as TCL's evaluation
+    (which TagAlign's "+PAMR" numbers follow) does: the window's image is shrunk to the map's h x w (bilinear,
+    align_corners=True), so the dilations 1..24 are measured in patches, not pixels."""
     _, _, H, W = image.shape
     patch = getattr(features, "patch_size", 16)
     boxes = window_boxes(H, W, window, stride)
@@ -574,7 +578,11 @@ def sliding_scores(features, image, text_emb, window=448, stride=224, window_bat
     for i in range(0, len(boxes), window_batch):
         chunk = boxes[i:i + window_batch]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n, 3, wh, ww)
-        maps = window_scores(*features(F.pad(crops, pad)), text_emb, **rule_kw)  # (n, C, h, w)
+        crops = F.pad(crops, pad)  # (n, 3, wh + pad, ww + pad)
+        maps = window_scores(*features(crops), text_emb, **rule_kw)  # (n, C, h, w)
+        if use_pamr:
+            small = F.interpolate(crops.float(), size=maps.shape[-2:], mode="bilinear", align_corners=True)
+            maps = pamr(small, maps)  # (n, C, h, w)
         maps = F.interpolate(maps, size=(wh + pad[3], ww + pad[1]), mode="bilinear", align_corners=False)
         maps = maps[:, :, :wh, :ww]
         if total is None:
@@ -647,10 +655,8 @@ def segment(features, image, text_emb, rule="v3", clip_weight=0.5, bg_threshold=
     H0, W0 = img.shape[-2:]
     m, s = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
     x = (resize_short_side(img, short_side) - m) / s
-    scores = sliding_scores(features, x, text_emb, window, stride, window_batch, rule=rule,
+    scores = sliding_scores(features, x, text_emb, window, stride, window_batch, use_pamr, rule=rule,
                             clip_weight=clip_weight)  # (C, H, W)
-    if use_pamr:
-        scores = pamr(x, scores[None])[0]
     scores = F.interpolate(scores[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]
     if bg_threshold is not None:
         scores = torch.cat([scores.new_full((1, H0, W0), bg_threshold), scores])  # best below threshold -> 0

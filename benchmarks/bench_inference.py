@@ -2,8 +2,10 @@
 Images/s of TagAlign's dense inference (segment(): short side 448, 448 windows, rule v3) with the windows batched
 vs one window at a time, on random ViT-B/16 weights, same machine, same run.
 
-With --pamr-classes C it measures PAMR alone instead: time and peak memory of pamr() on C class maps at the
-resized image size (what segment(use_pamr=True) hands it).
+With --pamr-classes C it measures PAMR alone instead, on C class maps, both ways: per window on the patch grid
+(what segment(use_pamr=True) does, as TCL's evaluation: n windows of 28 x 28 maps for ViT-B/16 at 448) and, for
+comparison, once on the whole resized image (the placement used before, dilations in pixels): time and peak
+memory of each.
 
 Run:
     python benchmarks/bench_inference.py                                   # CPU, a 500x375 (VOC-like) image
@@ -70,28 +72,35 @@ def main():
 
 
 def bench_pamr(args):
-    """Seconds and peak memory of one pamr() call (10 iterations) on (1, C, H, W) maps at the resized size. Peak
-    memory: the process's peak RSS on CPU (getrusage, before vs after, so only what PAMR added above the inputs),
-    torch's peak allocation on CUDA."""
+    """Seconds and peak memory of pamr() (10 iterations): per window on (n, C, 28, 28) maps with the windows'
+    images shrunk to 28 x 28 (segment's placement), then once on (1, C, H, W) at the resized size (the former
+    one). Peak memory: the process's peak RSS on CPU (getrusage, before vs after, so only what PAMR added above
+    the inputs; the per-window run goes first, as the peak only grows), torch's peak allocation on CUDA."""
     device = torch.device(args.device)
     x = tagalign.resize_short_side(torch.rand(1, 3, args.height, args.width), 448).to(device)
-    masks = torch.rand(1, args.pamr_classes, *x.shape[-2:], device=device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    tagalign.pamr(x, masks)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(f"device={args.device} PAMR on (1, {args.pamr_classes}, {x.shape[2]}, {x.shape[3]}), 10 iterations, "
-          f"threads={torch.get_num_threads()}: {dt:.2f} s")
-    if device.type == "cuda":
-        print(f"peak CUDA allocation {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB")
-    else:
-        rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-        print(f"peak RSS {rss_after:.2f} GiB ({rss_after - rss_before:.2f} GiB above the inputs' {rss_before:.2f} GiB)")
+    boxes = tagalign.window_boxes(x.shape[2], x.shape[3], 448, args.stride)
+    crops = torch.cat([x[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])  # (n, 3, 448, 448)
+    small = F.interpolate(crops, size=(28, 28), mode="bilinear", align_corners=True)
+    runs = [("per window, 28 x 28 (segment)", small, torch.rand(len(boxes), args.pamr_classes, 28, 28, device=device)),
+            (f"whole image, {x.shape[2]} x {x.shape[3]} (former)", x,
+             torch.rand(1, args.pamr_classes, *x.shape[-2:], device=device))]
+    print(f"device={args.device} PAMR on {args.pamr_classes} class maps, 10 iterations, {len(boxes)} windows at "
+          f"stride {args.stride}, threads={torch.get_num_threads()}")
+    for name, image, masks in runs:
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB (Linux)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        tagalign.pamr(image, masks)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if device.type == "cuda":
+            memory = f"peak CUDA allocation {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB"
+        else:
+            memory = f"peak RSS +{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 - rss_before:.2f} GiB"
+        print(f"{name}: {dt:.2f} s, {memory}")
 
 
 if __name__ == "__main__":

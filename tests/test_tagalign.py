@@ -325,6 +325,35 @@ def test_pamr_matches_transcription():
     assert torch.allclose(tagalign.pamr(image, small, iterations=1), tagalign.pamr(image, up, iterations=1))
 
 
+def test_pamr_refines_each_window_on_its_patch_grid(tiny_clip):
+    """TCL's placement, which TagAlign's "+PAMR" numbers follow: inside each window, on the (h, w) map with the
+    window's image shrunk to h x w (bilinear, align_corners=True), before the upsampling and the averaging. One
+    window covering the image, checked against the pixel-by-pixel transcription; the former placement (once, on
+    the whole image at full resolution, dilations in pixels) gives other scores."""
+    model = make_model(tiny_clip, gate=0.5)
+    text = F.normalize(torch.randn(3, 64), dim=-1)
+    image = torch.rand(3, 48, 96)  # -> 64 x 128: one window, a 4 x 8 patch grid
+    _, scores = tagalign.segment(model.dense_features, image, text, window=128, stride=64, short_side=64,
+                                 use_pamr=True)
+    m, s = torch.tensor(clip_model.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(clip_model.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (tagalign.resize_short_side(image[None], 64) - m) / s
+    with torch.no_grad():
+        grid = tagalign.window_scores(*model.dense_features(x), text)  # (1, 3, 4, 8)
+    small = F.interpolate(x, size=(4, 8), mode="bilinear", align_corners=True)[0]
+    refined = pamr_transcribed(small.double(), grid[0].double()).float()[None]
+    expected = F.interpolate(F.interpolate(refined, size=(64, 128), mode="bilinear"), size=(48, 96), mode="bilinear")
+    assert torch.allclose(scores, expected[0], atol=1e-5)
+    former = tagalign.pamr(x, F.interpolate(grid, size=(64, 128), mode="bilinear"))
+    former = F.interpolate(former, size=(48, 96), mode="bilinear")[0]
+    assert (scores - former).abs().max() > 1e-2
+    # several overlapping windows: batched and one at a time agree with PAMR inside
+    kw = dict(window=64, stride=32, short_side=64, use_pamr=True)
+    wide = torch.rand(3, 70, 150)  # 4 windows
+    one = tagalign.segment(model.dense_features, wide, text, window_batch=1, **kw)[1]
+    batched = tagalign.segment(model.dense_features, wide, text, window_batch=16, **kw)[1]
+    assert torch.allclose(one, batched, atol=1e-5)
+
+
 def pamr_vectorised_reference(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
     """A transcription of the former all-neighbours-at-once PAMR: the 48 neighbours stacked into
     (B, c, 48, H, W) tensors (9 GB for 171 classes at 448 x 597). The reference for the memory-bounded one."""
