@@ -94,7 +94,7 @@ PAPER_REFER = {("refcoco", "val"): 18.75, ("refcoco", "testA"): 20.31, ("refcoco
 
 def read_classes(name):
     with open(os.path.join(HERE, "data", name), encoding="utf-8") as f:
-        return f.read().split("\n")[:-1]  # exact strings: ADE20K's 'bed ' keeps its trailing space
+        return f.read().splitlines()  # exact strings: ADE20K's 'bed ' keeps its trailing space
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def dataset_classes(name, root):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: the folder layout needs classes.txt beside images/ and labels/")
     with open(path, encoding="utf-8") as f:
-        return f.read().split("\n")[:-1]
+        return f.read().splitlines()  # a last line without its newline is a class too
 
 
 def evaluate_dataset(name, features, embed_texts, args, rank=0, world=1, save_dir=None):
@@ -260,6 +260,10 @@ def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir
     if rank == 0 and (no_label or no_image):
         print(f"{name}: {len(no_label)} images without a label (e.g. {no_label[:3]}), {len(no_image)} labels "
               f"without an image (e.g. {no_image[:3]}); evaluating the {len(pairs)} complete pairs", file=sys.stderr)
+    expected = EXPECTED_COUNTS.get(name)
+    if rank == 0 and expected and len(pairs) != expected:
+        print(f"warning: {name}: {len(pairs):,} image/label pairs, the benchmark has {expected:,}: the numbers will not "
+              "be comparable with the paper's (`evaluate.py --check` lists what is missing)", file=sys.stderr)
     if args.limit:
         pairs = pairs[:args.limit]
     prompts = classes[1:] if bg is not None else classes  # background is never a text prompt
@@ -284,6 +288,9 @@ def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir
             pred, _ = tagalign.segment(features, pixels, text, window_batch=args.window_batch, **kw)
             pred = pred.cpu()
             if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
+                if not spec.get("shrink"):  # elsewhere a label is the size of its image, or it is a wrong file
+                    raise ValueError(f"{ann_path}: label {tuple(gt.shape)} but image {img.height}x{img.width} "
+                                     f"({img_path}); run `evaluate.py --check --datasets {name}` and prepare it again")
                 pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
             cms[m] += confusion(pred, gt, C, ignore)
             preds[method] = pred
@@ -299,6 +306,7 @@ def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir
         iou, miou, acc = iou_from_confusion(cm)
         results[method] = {
             "dataset": name, "miou": 100 * miou, "aacc": 100 * acc, "images": len(pairs),
+            "benchmark_images": expected,
             "per_class_iou": {c: (None if math.isnan(v) else 100 * v) for c, v in zip(classes, iou.tolist())},
             "background_threshold": bg, "stride": kw["stride"], "settings": kw, "images_without_label": no_label,
             "labels_without_image": no_image, "bad_label_values": bad_values}
@@ -595,6 +603,8 @@ def run_settings(args, methods, names, results, model, world):
         if r["dataset"] not in per_dataset:
             count = r["images"] if "images" in r else sum(s["expressions"] for s in r["splits"].values())
             per_dataset[r["dataset"]] = {"images" if "images" in r else "expressions": count, **r["settings"]}
+            if r.get("benchmark_images"):
+                per_dataset[r["dataset"]]["benchmark_images"] = r["benchmark_images"]
     cfg = model.clip.cfg
     # the CLIP used: --clip, else the checkpoint's, else load_model's default (written out in the command)
     clip = args.clip or (tagalign.read_checkpoint(args.checkpoint)["clip"] if args.checkpoint else "ViT-B/16")
@@ -622,6 +632,11 @@ def report(header, rows, s):
     seg = [h for h in header[1:] if h != "mean" and not h.endswith("(our protocol*)")]
     lines = [f"**LIMITED RUN: only the first {s['limit']} images of each dataset (--limit {s['limit']}); not "
              "comparable with full-benchmark numbers.**", ""] if s["limit"] else []
+    partial = [f"{name} {d['images']:,} of {d['benchmark_images']:,}" for name, d in s["datasets"].items()
+               if not s["limit"] and d.get("benchmark_images") not in (None, d.get("images"))]
+    if partial:
+        lines += [f"**INCOMPLETE DATA: {', '.join(partial)} images found; not comparable with full-benchmark "
+                  "numbers (`evaluate.py --check` lists what is missing).**", ""]
     lines += [markdown_table(header, rows), ""]
     if seg:
         lines.append(f"mean: over the {len(seg)} segmentation dataset(s) of this run"
@@ -633,6 +648,8 @@ def report(header, rows, s):
               "|---|---|---|---|---|---|---|"]
     for name, d in s["datasets"].items():
         count = d["images"] if "images" in d else f"{d['expressions']} expressions"
+        if "images" in d and d.get("benchmark_images") not in (None, d["images"]):
+            count = f"{d['images']:,} of {d['benchmark_images']:,}"
         bg = "none" if d["bg_threshold"] is None else d["bg_threshold"]
         lines.append(f"| {name} | {count} | {bg} | {d['stride']} | {d['window']} | {d['short_side']} | {d['rule']} |")
     inference = [f"rule {s['rule']}, clip weight a = {s['clip_weight']}",

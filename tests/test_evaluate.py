@@ -185,6 +185,22 @@ def test_iou_against_independent_computation_on_random_maps():
     assert torch.allclose(iou.float(), expected, atol=1e-6) and miou == pytest.approx(expected.mean().item(), abs=1e-6)
 
 
+def test_a_label_of_another_size_than_its_image_is_an_error_and_a_last_class_without_newline_counts(tmp_path):
+    """Only ImageNet-S shrinks images, so only there is a prediction resized to its label; elsewhere a label of
+    another size is a wrongly prepared file, which must stop the run rather than be scored after a resize."""
+    to_prompt = build_fixture(tmp_path, "voc")
+    spec = evaluate.DATASETS["voc"]
+    path = tmp_path / spec["root"] / spec["ann"] / ("2007_000001" + spec["seg_suffix"])
+    save_label(str(path), torch.zeros(100, 60, dtype=torch.long), "P")
+    with pytest.raises(ValueError, match=r"2007_000001.png: label \(100, 60\) but image 448x448 .*evaluate.py --check --datasets voc"):
+        evaluate.evaluate_dataset("voc", calibrated("voc", to_prompt), embed_identity, args_for(tmp_path))
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue")  # no newline after the last class
+    assert evaluate.dataset_classes("folder", str(tmp_path)) == ["red", "green", "blue"]
+    for name in {spec["classes"] for spec in evaluate.DATASETS.values() if spec.get("classes")}:  # shipped lists
+        with open(os.path.join(evaluate.HERE, "data", name), encoding="utf-8") as f:
+            assert evaluate.read_classes(name) == f.read().split("\n")[:-1]  # unchanged by the new reader
+
+
 # ---------------------------------------------------------------------------------------------- every dataset
 
 def calibrated(name, to_prompt):
@@ -770,14 +786,16 @@ def test_settings_are_printed_and_the_command_reproduces_the_table(compared):
     root, s = compared.root, compared.saved["settings"]
     printed = compared.printed
     # SPEC section 7's VOC row; its stride, 56 of a 448 window, is an eighth of the window: one 16-px patch at 64
-    assert "| voc | 3 | 0.45 | 16 | 64 | 64 | v3 |" in printed
+    assert "| voc | 3 of 1,449 | 0.45 | 16 | 64 | 64 | v3 |" in printed  # a fixture: 3 of VOC's images
+    assert printed.startswith("**INCOMPLETE DATA: voc 3 of 1,449 images found; not comparable")
+    assert "folder 2 of" not in printed  # a user's folder has no benchmark size
     assert "| folder | 2 | none | 32 | 64 | 64 | v3 |" in printed  # no background; stride half the window
     assert "- rule v3, clip weight a = 0.5; templates single (1; RefCOCO: the expression itself); PAMR off" in printed
     assert (f"- CLIP {root / 'clip.pt'} (ViT with patch 16, 64 px, 8 blocks of width 128 (2 heads), embedding 64, "
             f"QuickGELU (recorded in the TagAlign checkpoint)); checkpoint {root / 'ckpt.pt'}; tagalign's surgery layers 2"
             ) in printed
     assert "- images: all; processes 1; code " in printed and "LIMITED" not in printed
-    assert s["datasets"]["voc"] == {"images": 3, "rule": "v3", "bg_threshold": 0.45, "stride": 16, "clip_weight": 0.5,
+    assert s["datasets"]["voc"] == {"images": 3, "benchmark_images": 1449, "rule": "v3", "bg_threshold": 0.45, "stride": 16, "clip_weight": 0.5,
                                     "window": 64, "short_side": 64, "use_pamr": False}
     command = shlex.split(s["command"])
     assert compared.saved["command"] == s["command"] and f"    {s['command']}" in printed.splitlines()
@@ -910,7 +928,7 @@ def test_window_and_strides_follow_a_patch_14_backbone(compared, tmp_path):
     base = ["--clip", str(tmp_path / "l14-like.pt"), "--methods", "surgery,maskclip", "--datasets", "voc,folder",
             "--data-root", str(compared.root)]
     _, printed = run_main(base + ["--out", str(tmp_path / "out")])
-    assert "| voc | 3 | 0.45 | 14 | 112 | 112 | v3 |" in printed and "| folder | 2 | none | 56 | 112 | 112 | v3 |" in printed
+    assert "| voc | 3 of 1,449 | 0.45 | 14 | 112 | 112 | v3 |" in printed and "| folder | 2 | none | 56 | 112 | 112 | v3 |" in printed
     command = json.load(open(tmp_path / "out" / "results.json"))["command"]
     assert "--clip-act gelu" in command and "--window 112 --short-side 112" in command
     with pytest.raises(SystemExit, match="--window 100 is not a multiple of the CLIP's patch size 14; use 98 or 112"):
