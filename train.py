@@ -547,7 +547,9 @@ def train(args, rank, world, device):
                                          collate_fn=collate, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
     batches = iter(loader)
-    consumed = dict(start)  # role -> records consumed, for the checkpoint
+    # role -> records consumed, for the checkpoint: this rank's roles only (rank * workers + w). A copy of every
+    # role would send the others' stale resume positions to the next save, and overwrite their real ones there.
+    consumed = {r: n for r, n in start.items() if r // dataset.workers == rank}
     worker_skipped = {}  # role -> that worker's skip counters since this (re)start
     micro_batches = step * accum  # batches this rank has taken from loaders since the run began (sets role_offset)
 
@@ -570,7 +572,7 @@ def train(args, rank, world, device):
             gathered = [state]
         if not master:
             return
-        all_consumed = {r: n for g in gathered for r, n in g["consumed"].items()}
+        all_consumed = {r: n for g in gathered for r, n in g["consumed"].items()}  # disjoint: each rank's roles
         total_skipped = {k: skipped_total[k] + sum(s[k] for g in gathered for s in g["skipped"].values())
                          for k in skipped_total}
         tagalign.save_checkpoint(
