@@ -326,8 +326,9 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def init_distributed():
-    """The one DDP set-up of train.py and evaluate.py. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain
+def init_distributed(timeout_minutes=None):
+    """The one DDP set-up of train.py and evaluate.py. timeout_minutes: how long a rank may wait in a collective
+    for the others (None: torch's default, 10 minutes under NCCL); train.py raises it for a resume's re-read. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain
     `python x.py` is one process. With CUDA each process takes GPU LOCAL_RANK *before* NCCL starts (else every
     rank's NCCL communicator and every `.cuda()` lands on GPU 0) and the backend is NCCL, else gloo.
     Returns (rank, world, device)."""
@@ -344,7 +345,9 @@ def init_distributed():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        import datetime
+        timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world, device
 
 

@@ -306,6 +306,10 @@ def parse_args(argv=None):
                    help="learning rate at global batch 4096 (scaled linearly); a new value takes effect on --resume")
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on 1-D params and biases)")
     p.add_argument("--grad-clip", type=float, default=5.0, help="gradient clipping at this global norm")
+    p.add_argument("--dist-timeout", type=float, default=60,
+                   help="minutes a process may wait in a collective for the others (torch's NCCL default is 10): "
+                   "after --resume each worker first re-reads what it had consumed, and ranks may finish that minutes "
+                   "apart late in a run")
     p.add_argument("--tag-loss", default="balanced", choices=["balanced", "plain"],
                    help="balanced softmax (paper, Eq. 4) or plain softmax (authors' code)")
     p.add_argument("--tag-average", default="batch", choices=["batch", "tagged"],
@@ -395,7 +399,8 @@ def scaled_lr(lr, global_batch):
 
 
 RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels", "clip",
-                 "precision", "tag_loss", "tag_average", "trained_terms")
+                 "precision", "tag_loss", "tag_average", "trained_terms", "loss_weights", "augmentation", "grad_clip",
+                 "image_root")
 # What follows the backbone, compared as resolved (a default of None or 'auto' equals what it resolved to then).
 RESOLVED_FIELDS = ("surgery_layers", "image_size", "clip_quick_gelu")
 
@@ -420,8 +425,8 @@ def check_resume(saved, current, path, fields=RESUME_FIELDS):
             raise ValueError(f"--resume: '{field}' differs from the run that wrote {path} ({old} there, {new} now). "
                              "An exact resume needs the same processes, --workers, --batch-size, --global-batch-size, "
                              "--seed, --shuffle-buffer, data files, labels, CLIP and its activation, surgery layers, "
-                             "crop size, precision, tag "
-                             "loss and switched-off terms; start a new --out to change them")
+                             "crop size, precision, tag loss, loss weights, augmentation, gradient clipping and image "
+                             "root; start a new --out to change them (only --lr may change)")
 
 
 def pinned(t, device):
@@ -436,7 +441,7 @@ def print0(*args, **kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = tagalign.init_distributed()  # the one DDP block (torchrun, or one CPU/GPU process)
+    rank, world, device = tagalign.init_distributed(args.dist_timeout)  # the one DDP block (torchrun, or one process)
     try:
         train(args, rank, world, device)
     except BaseException:
@@ -476,7 +481,9 @@ def train(args, rank, world, device):
            "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
            "labels": labels_fingerprint(args.labels), "clip": args.clip,
            "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
-           "trained_terms": trained_terms}
+           "trained_terms": trained_terms, "loss_weights": [args.object_weight, args.attribute_weight, args.itc_weight],
+           "augmentation": [not args.no_augment, args.min_crop_scale, args.auto_augment], "grad_clip": args.grad_clip,
+           "image_root": args.image_root if args.data_csv else None}
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):

@@ -567,6 +567,20 @@ def test_clip_is_fetched_once_per_node_before_any_rank_loads_it(tmp_path):
     assert events[0] == "download ViT-B/16 by 0" and sorted(events[1:]) == ["loaded by 0", "loaded by 1"], events
 
 
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
+    """train.py --dist-timeout: minutes, handed to init_process_group (None keeps torch's default)."""
+    import datetime
+    seen = []
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert tagalign.init_distributed(90) == (1, 2, torch.device("cpu"))
+    tagalign.init_distributed()
+    assert seen == [("gloo", {"timeout": datetime.timedelta(minutes=90)}), ("gloo", {"timeout": None})]
+
+
 def _end_worker(rank, world, init_file, log_dir):
     import gc
     import time

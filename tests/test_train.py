@@ -305,7 +305,9 @@ def test_resume_refuses_a_changed_run_and_applies_a_new_lr(setup, tmp_path):
     out = tmp_path / "run"
     train.main(base_args(setup, out, **{"--steps": 2}))
     changes = {"--seed": ("1", "seed"), "--shuffle-buffer": ("3", "shuffle_buffer"),
-               "--global-batch-size": ("8", "global_batch")}
+               "--global-batch-size": ("8", "global_batch"), "--itc-weight": ("0.5", "loss_weights"),
+               "--min-crop-scale": ("0.5", "augmentation"), "--auto-augment": ("none", "augmentation"),
+               "--grad-clip": ("1.0", "grad_clip")}
     for flag, (value, field) in changes.items():
         with pytest.raises(ValueError, match=f"'{field}' differs"):
             train.main(base_args(setup, out, **{"--steps": 3, flag: value}) + ["--resume"])
