@@ -279,7 +279,8 @@ def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir
         gt, bad = load_label(ann_path, spec, C)
         if bad:
             bad_values[ann_path] = bad
-        if spec.get("shrink") and img.width * img.height > spec["shrink"] ** 2:  # ImageNet-S's large images
+        shrunk = bool(spec.get("shrink")) and img.width * img.height > spec["shrink"] ** 2
+        if shrunk:  # ImageNet-S's large images
             s = spec["shrink"] / max(img.width, img.height)
             img = img.resize((round(img.width * s), round(img.height * s)), Image.BILINEAR)
         pixels = pil_to_tensor(img).to(text.device)  # uint8, moved once for all methods
@@ -288,7 +289,7 @@ def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir
             pred, _ = tagalign.segment(features, pixels, text, window_batch=args.window_batch, **kw)
             pred = pred.cpu()
             if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
-                if not spec.get("shrink"):  # elsewhere a label is the size of its image, or it is a wrong file
+                if not shrunk:  # an image that was not shrunk has a label of its size, or the label is a wrong file
                     raise ValueError(f"{ann_path}: label {tuple(gt.shape)} but image {img.height}x{img.width} "
                                      f"({img_path}); run `evaluate.py --check --datasets {name}` and prepare it again")
                 pred = F.interpolate(pred[None, None].float(), size=gt.shape, mode="nearest")[0, 0].long()
@@ -632,11 +633,13 @@ def report(header, rows, s):
     seg = [h for h in header[1:] if h != "mean" and not h.endswith("(our protocol*)")]
     lines = [f"**LIMITED RUN: only the first {s['limit']} images of each dataset (--limit {s['limit']}); not "
              "comparable with full-benchmark numbers.**", ""] if s["limit"] else []
-    partial = [f"{name} {d['images']:,} of {d['benchmark_images']:,}" for name, d in s["datasets"].items()
-               if not s["limit"] and d.get("benchmark_images") not in (None, d.get("images"))]
-    if partial:
-        lines += [f"**INCOMPLETE DATA: {', '.join(partial)} images found; not comparable with full-benchmark "
-                  "numbers (`evaluate.py --check` lists what is missing).**", ""]
+    off = {name: d for name, d in s["datasets"].items()
+           if not s["limit"] and d.get("benchmark_images") not in (None, d.get("images"))}
+    if off:
+        fewer = all(d["images"] < d["benchmark_images"] for d in off.values())
+        counts = ", ".join(f"{name} {d['images']:,} of {d['benchmark_images']:,}" for name, d in off.items())
+        lines += [f"**{'INCOMPLETE DATA' if fewer else 'DATA DIFFERS FROM THE BENCHMARK'}: {counts} images found; "
+                  "not comparable with full-benchmark numbers (`evaluate.py --check` lists what differs).**", ""]
     lines += [markdown_table(header, rows), ""]
     if seg:
         lines.append(f"mean: over the {len(seg)} segmentation dataset(s) of this run"
@@ -865,6 +868,17 @@ def main(argv=None):
         apply_backbone(args, model.clip)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    try:
+        results = run(args, names, methods, model, rank, world, device)
+    except BaseException:  # e.g. a bad label file on one rank: no final barrier, which the others may never reach
+        tagalign.end_distributed(finished=False)
+        raise
+    tagalign.end_distributed()
+    return results
+
+
+def run(args, names, methods, model, rank, world, device):
+    """Every requested method on every requested dataset; rank 0 prints and writes the table and settings."""
     if rank == 0:
         print(f"CLIP: {clip_model.describe(model.clip)}", file=sys.stderr)
     templates = tagalign.load_templates(args.templates)
@@ -898,7 +912,6 @@ def main(argv=None):
             f.write(text + "\n")
         print(text)
         print(f"\ntable also in {os.path.join(args.out, 'results.csv')} and results.md; per-class IoU in results.json")
-    tagalign.end_distributed()
     return results
 
 

@@ -426,7 +426,7 @@ def check_resume(saved, current, path, fields=RESUME_FIELDS):
                              "An exact resume needs the same processes, --workers, --batch-size, --global-batch-size, "
                              "--seed, --shuffle-buffer, data files, labels, CLIP and its activation, surgery layers, "
                              "crop size, precision, tag loss, loss weights, augmentation, gradient clipping and image "
-                             "root; start a new --out to change them (only --lr may change)")
+                             "root; start a new --out to change them (only --lr and --weight-decay may change)")
 
 
 def pinned(t, device):
@@ -482,8 +482,8 @@ def train(args, rank, world, device):
            "labels": labels_fingerprint(args.labels), "clip": args.clip,
            "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
            "trained_terms": trained_terms, "loss_weights": [args.object_weight, args.attribute_weight, args.itc_weight],
-           "augmentation": [not args.no_augment, args.min_crop_scale, args.auto_augment], "grad_clip": args.grad_clip,
-           "image_root": args.image_root if args.data_csv else None}
+           "augmentation": [False] if args.no_augment else [True, args.min_crop_scale, args.auto_augment],
+           "grad_clip": args.grad_clip, "image_root": os.path.abspath(args.image_root) if args.data_csv else None}
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
@@ -531,7 +531,7 @@ def train(args, rank, world, device):
     if ckpt is not None:
         raw_model.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        saved_lr = optimizer.param_groups[0]["lr"]
+        saved_lr, saved_wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
         for group, wd in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # today's flags win over the saved
             group["lr"], group["weight_decay"] = lr, wd
         scaler.load_state_dict(ckpt["scaler"])
@@ -542,6 +542,8 @@ def train(args, rank, world, device):
         print0(f"resumed from {ckpt_path} at step {step}")
         if saved_lr != lr:
             print0(f"lr changed on resume: {saved_lr:g} -> {lr:g} (--lr {args.lr:g} x global batch {global_batch} / 4096)")
+        if saved_wd != args.weight_decay:
+            print0(f"weight decay changed on resume: {saved_wd:g} -> {args.weight_decay:g}")
 
     model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw_model
     if args.compile:

@@ -806,6 +806,18 @@ def test_settings_are_printed_and_the_command_reproduces_the_table(compared):
     assert (root / "rerun" / "results.csv").read_text() == (root / "out" / "results.csv").read_text()
 
 
+def test_a_failed_run_ends_the_process_group_without_the_final_barrier(compared, monkeypatch):
+    """A rank that fails (e.g. on a bad label file) must not wait in a barrier the others never reach."""
+    ended = []
+    monkeypatch.setattr(tagalign, "end_distributed", lambda finished=True: ended.append(finished))
+    monkeypatch.setattr(evaluate, "run", lambda *a: (_ for _ in ()).throw(ValueError("a bad label")))
+    root = compared.root
+    with pytest.raises(ValueError, match="a bad label"):
+        evaluate.main(["--clip", str(root / "clip.pt"), "--dataset", "folder", "--data-root", str(root),
+                       "--window", "64", "--short-side", "64", "--out", str(root / "failed")])
+    assert ended == [False]
+
+
 def test_tagalign_alone_without_checkpoint_is_labelled_untrained_and_a_limited_run_is_marked(compared):
     """Without --checkpoint, tagalign alone (demo.py's 'before training' run) is the identity projector, i.e.
     CLIP Surgery: its row says so; --limit marks the report; the command carries --surgery-layers and --limit."""

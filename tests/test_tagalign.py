@@ -352,6 +352,9 @@ def test_pamr_refines_each_window_on_its_patch_grid(tiny_clip):
     one = tagalign.segment(model.dense_features, wide, text, window_batch=1, **kw)[1]
     batched = tagalign.segment(model.dense_features, wide, text, window_batch=16, **kw)[1]
     assert torch.allclose(one, batched, atol=1e-5)
+    # windows padded to whole patches (40 -> 48 rows): PAMR sees the padded crop, the padding is cropped after
+    padded = tagalign.segment(model.dense_features, wide, text, window=64, stride=32, short_side=40, use_pamr=True)[1]
+    assert padded.shape == (3, 70, 150) and torch.allclose(padded.sum(0), torch.ones(70, 150), atol=1e-4)
 
 
 def pamr_vectorised_reference(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
