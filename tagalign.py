@@ -347,7 +347,9 @@ def init_distributed(timeout_minutes=None):
     if world > 1 and not dist.is_initialized():
         import datetime
         timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        # device_id binds NCCL to this GPU (the final barrier and every collective use it, no guessing from rank)
+        bound = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, **bound)
     return rank, world, device
 
 

@@ -582,6 +582,15 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     assert tagalign.init_distributed(90) == (1, 2, torch.device("cpu"))
     tagalign.init_distributed()
     assert seen == [("gloo", {"timeout": datetime.timedelta(minutes=90)}), ("gloo", {"timeout": None})]
+    # with GPUs (faked): NCCL, bound to GPU LOCAL_RANK, which is also the current device before NCCL starts
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert tagalign.init_distributed(60) == (1, 2, torch.device("cuda", 3))
+    assert seen[-1] == ("nccl", {"timeout": datetime.timedelta(minutes=60), "device_id": torch.device("cuda", 3)})
+    assert current == [torch.device("cuda", 3)]
 
 
 def _end_worker(rank, world, init_file, log_dir):
