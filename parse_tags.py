@@ -464,11 +464,14 @@ class BatchTagger:
         prefix_text, self.suffix_text = self._template(chat_format)
         self.prefix = self.tokenize(prefix_text, add_special=True, parse_special=True)
         self.suffix = self.tokenize(self.suffix_text, add_special=False, parse_special=True)
-        # Per-sequence context: prefix + the longest caption prepare_caption lets through + the answer.
+        # KV cells: each sequence needs room for the longest caption prepare_caption lets through + the answer.
+        # With one unified stream the prefix cells are shared, so they count once (a stream per sequence holds a
+        # prefix each); n_batch cells of slack. E.g. a 330-token prefix, parallel 128: 50 k cells, not 98 k.
         self.max_caption_tokens = 320
-        n_ctx_seq = -(-(len(self.prefix) + self.max_caption_tokens + len(self.suffix) + max_tokens + 8) // 256) * 256
+        per_seq = self.max_caption_tokens + len(self.suffix) + max_tokens + 8
+        cells = len(self.prefix) + parallel * per_seq + n_batch if kv_unified else parallel * (len(self.prefix) + per_seq)
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_ctx_seq * parallel
+        cparams.n_ctx = self.kv_cells = -(-cells // 256) * 256
         cparams.n_batch = cparams.n_ubatch = max(n_batch, parallel)
         cparams.n_seq_max = parallel
         cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()

@@ -456,6 +456,24 @@ def test_real_model_valid_structure_on_real_captions(batched):
 
 
 @needs_gguf
+def test_kv_cache_holds_every_sequence_at_its_longest_with_one_shared_prefix():
+    """The KV cache is sized for the prefix once (one unified stream shares it) plus every sequence at the longest
+    caption (320 tokens after truncation) and a full answer: 8 such captions at once, twice over, decode without
+    'KV cache full', in a cache that a prefix per sequence would overflow."""
+    import random
+    tagger = parse_tags.BatchTagger(parse_tags.smollm2_path(), parallel=4, n_threads=2, n_batch=64, max_tokens=16)
+    per_seq = tagger.max_caption_tokens + len(tagger.suffix) + 16 + 8
+    assert tagger.kv_cells == -(-(len(tagger.prefix) + 4 * per_seq + 64) // 256) * 256
+    assert tagger.kv_cells < 4 * (len(tagger.prefix) + per_seq)
+    rng = random.Random(0)
+    texts = [parse_tags.prepare_caption(" ".join("".join(rng.choice("ğüşçößжщюй") for _ in range(3)) + "a"
+                                                 for _ in range(200))) for _ in range(8)]
+    assert min(len(tagger.tokenize(t)) for t in texts) > tagger.max_caption_tokens  # each is cut to the longest
+    answers = raw_answers(tagger, texts)
+    assert len(answers) == 8 and not any(a.startswith("llama_decode failed") for a in answers)
+
+
+@needs_gguf
 def test_real_model_batched_agrees_with_one_at_a_time(batched):
     """Greedy decoding: 8 sequences in one batch vs one caption at a time (parallel=1), same prompt and grammar,
     both through parse_captions. Batched matrix products use other kernels and summation orders than a
