@@ -918,17 +918,46 @@ def answers(backend, next_job):
             yield ticket, "", str(e)
 
 
+def parse_settings(model_path, chat_format, grounding, max_tokens):
+    """What decides a record, for resume and merge to compare: the model file (name and size), the chat format,
+    the grounding, the answer limit, and a hash of the prompt and grammars this code sends."""
+    prompt = json.dumps([SYSTEM_PROMPT, EXAMPLES, ANSWER_GRAMMAR, STRICT_GRAMMAR, MAX_CAPTION_CHARS])
+    return {"model": os.path.basename(model_path), "model_bytes": os.path.getsize(model_path),
+            "chat_format": chat_format, "grounding": grounding, "max_tokens": max_tokens,
+            "prompt": hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).hexdigest()}
+
+
+def check_settings(path, settings, what):
+    """Compare the settings recorded at path with these; write them there when there are none yet."""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them would "
+                             "give one vocabulary two meanings: use another --out, or delete "
+                             f"{os.path.dirname(path) or '.'}'s parsed.* files to start over")
+    else:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
 def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None, retry_failures=False, progress=True,
-                   grounding=DEFAULT_GROUNDING):
+                   grounding=DEFAULT_GROUNDING, settings=None):
     """Tag every (key, caption) into out_dir/parsed.{shard}-of-{n}.jsonl, in input order. Keys already there are
     skipped (resume); identical captions are sent to the LLM once (also while the first is in flight); a
     malformed answer is retried once (strict) and then recorded with its reason. With a batching backend many
     captions are in flight: finished results wait in a small reorder buffer until every earlier sample is
     written, so the file is always a prefix of the input order and a kill or Ctrl-C loses only in-flight work.
+    settings (parse_settings): recorded beside the shard's file; a resume with other settings is refused. When
+    the input is exhausted, parsed.{shard}-of-{n}.done.json says so (merge warns about shards without one).
     Returns a stats dict."""
     from tqdm import tqdm
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"parsed.{shard}-of-{num_shards}.jsonl")
+    if settings is not None:
+        check_settings(path[:-len(".jsonl")] + ".settings.json", settings, f"the records of {path}")
     done, cache = set(), {}
     for rec in read_records(path):
         if "error" not in rec or not retry_failures:
@@ -1001,6 +1030,8 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
         write_ready()
         if pending or retries:  # the backend stopped early: better a crash than silently missing records
             raise RuntimeError(f"the LLM backend ended with {len(pending)} captions unanswered")
+    with open(path[:-len(".jsonl")] + ".done.json", "w", encoding="utf-8") as f:  # the whole input was read
+        json.dump(dict(stats), f)
     return dict(stats)
 
 
@@ -1038,6 +1069,27 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
     missing = [i for i in range(n) if not os.path.exists(os.path.join(out_dir, f"parsed.{i}-of-{n}.jsonl"))]
     if missing:
         print(f"warning: shards {missing} of {n} have no output yet; merging the others", file=sys.stderr)
+    unfinished = [i for i in range(n) if i not in missing
+                  and not os.path.exists(os.path.join(out_dir, f"parsed.{i}-of-{n}.done.json"))]
+    if unfinished:
+        print(f"warning: shards {unfinished[:20]} of {n} have not finished their input (no parsed.i-of-{n}.done.json): "
+              "their samples so far are merged, the rest will train without tags; rerun those shards (they resume) "
+              "and merge again", file=sys.stderr)
+    errors = [e for e in glob.glob(os.path.join(out_dir, f"errors.*-of-{n}.jsonl")) if os.path.getsize(e)]
+    if errors:
+        print(f"warning: input files could not be read (their samples have no tags): see {', '.join(sorted(errors))}",
+              file=sys.stderr)
+    recorded = {}
+    for i in range(n):
+        s = os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json")
+        if os.path.isfile(s):
+            with open(s, encoding="utf-8") as f:
+                recorded[i] = json.load(f)
+    if len({json.dumps(v, sort_keys=True) for v in recorded.values()}) > 1:
+        first = min(recorded)
+        other = next(i for i in sorted(recorded) if recorded[i] != recorded[first])
+        raise ValueError(f"shards {first} and {other} of {out_dir} were parsed with other settings ({recorded[first]} vs "
+                         f"{recorded[other]}); parse them again with the same model, chat format and flags")
     path = os.path.join(out_dir, "parsed.jsonl")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp:
         runs, chunk = [], []
@@ -1075,7 +1127,8 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
             for f in files:
                 f.close()
     os.replace(path + ".tmp", path)
-    return {"records": records, "failed": failed, "shards": len(shards)}
+    return {"records": records, "failed": failed, "shards": len(shards), "missing_shards": missing,
+            "unfinished_shards": unfinished}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1792,9 +1845,12 @@ def main():
     samples = shard_samples(files, shard, num_shards, report_bad, **read_kw)
     try:
         stats = parse_captions(samples, backend, args.out, shard, num_shards, total, args.retry_failures,
-                               grounding=args.grounding)
+                               grounding=args.grounding,
+                               settings=parse_settings(model, args.chat_format, args.grounding, args.max_tokens))
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: results so far are saved; run the same command again to resume")
+    except ValueError as e:  # e.g. a resume with other settings
+        sys.exit(f"error: {e}")
     print(json.dumps(stats))
 
 

@@ -341,7 +341,7 @@ def test_shards_merge_and_vocabulary(tmp_path):
     for i in range(3):
         parse_tags.parse_captions(iter(SAMPLES[i::3]), FakeLLM(), str(tmp_path), shard=i, num_shards=3, progress=False)
     summary = parse_tags.merge(str(tmp_path))
-    assert summary == {"records": 40, "failed": 2, "shards": 3}
+    assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": []}
     stats = parse_tags.build_vocab(str(tmp_path), num_objects=5, num_attributes=2)
     vocab = json.load(open(tmp_path / "vocab.json"))
     assert vocab["num_samples"] == 40 and stats["samples_with_objects"] == 38
@@ -360,6 +360,34 @@ def test_shards_merge_and_vocabulary(tmp_path):
     assert [labels.tags["attributes"][i] for i in attr.tolist()] == ["black"]
     assert [t.numel() for t in labels.get("000007")] == [0, 0]  # failures are kept, with no tags
     assert labels.get("999999") is None and labels.get("abc") is None
+
+
+def test_settings_are_recorded_and_a_resume_or_merge_with_others_refused(tmp_path, capsys):
+    """Records of another model, chat format, grounding or prompt must not mix with these: a resume with other
+    settings and a merge of shards parsed with different ones stop; a shard that did not finish its input is
+    merged with a warning naming it."""
+    ours = {"model": "m.gguf", "model_bytes": 1, "chat_format": "vicuna", "grounding": "all", "max_tokens": 48,
+            "prompt": "abc"}
+    parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
+    assert json.load(open(tmp_path / "parsed.0-of-2.settings.json")) == ours
+    assert (tmp_path / "parsed.0-of-2.done.json").exists()
+    other = dict(ours, chat_format="chatml")
+    with pytest.raises(ValueError, match="parsed with other settings \\(chat_format: 'vicuna' there, 'chatml' now\\)"):
+        parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False,
+                                  settings=other)
+    parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
+    # shard 1: parsed with other settings -> merge refuses
+    parse_tags.parse_captions(iter(SAMPLES[1::2]), FakeLLM(), str(tmp_path), 1, 2, progress=False, settings=other)
+    with pytest.raises(ValueError, match="shards 0 and 1 of .* were parsed with other settings"):
+        parse_tags.merge(str(tmp_path))
+    # shard 1 again with our settings, but as if killed: records and settings without the done marker
+    for name in ("parsed.1-of-2.jsonl", "parsed.1-of-2.settings.json", "parsed.1-of-2.done.json"):
+        os.remove(tmp_path / name)
+    parse_tags.parse_captions(iter(SAMPLES[1:10:2]), FakeLLM(), str(tmp_path), 1, 2, progress=False, settings=ours)
+    os.remove(tmp_path / "parsed.1-of-2.done.json")
+    capsys.readouterr()
+    assert parse_tags.merge(str(tmp_path))["unfinished_shards"] == [1]
+    assert "shards [1] of 2 have not finished their input" in capsys.readouterr().err
 
 
 def test_string_keys_and_mixed_shard_counts(tmp_path):
@@ -388,7 +416,7 @@ def test_streaming_merge_equals_in_memory_merge(tmp_path):
     summary = parse_tags.merge(str(tmp_path), run_records=7)
     merged = records(tmp_path / "parsed.jsonl")
     assert merged == [expected[k] for k in sorted(expected)]
-    assert summary == {"records": 40, "failed": 2, "shards": 3}
+    assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": []}
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".merge-")]  # temporary runs removed
 
 
