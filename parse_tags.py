@@ -900,14 +900,33 @@ def open_for_append(path):
     return open(path, "a", encoding="utf-8")
 
 
+def _record(line):
+    """A results line -> its record, or None when it is not one (garbage from a crash or two writers at once)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and ("error" in rec or "objects" in rec)
+    return rec if ok else None
+
+
 def read_records(path):
-    """Complete records of a JSONL results file (a partial last line is ignored)."""
+    """Complete records of a JSONL results file. A partial last line (a kill mid-write) is ignored; a damaged
+    line elsewhere (a node crash, two processes on one shard) is skipped and named on stderr, so its key counts
+    as not done and a resume parses it again, instead of every restart failing on it."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    damaged = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
             if line.endswith("\n"):
-                yield json.loads(line)
+                rec = _record(line)
+                if rec is None:
+                    damaged.append(number)
+                else:
+                    yield rec
+    if damaged:
+        print(f"warning: {path}: {len(damaged)} damaged line(s) skipped (e.g. line {damaged[:5]})", file=sys.stderr)
 
 
 def answers(backend, next_job):
@@ -1057,7 +1076,9 @@ MERGE_RUN_RECORDS = 500_000
 def _sort_line(line):
     """A record line -> 'escaped key TAB flag TAB line': plain string order is then key order (the escaped key
     has no control characters, so TAB ends it below any character), with a success (0) before a failure (1)."""
-    rec = json.loads(line)
+    rec = _record(line)
+    if rec is None:
+        return None
     return f"{json.dumps(rec['key'], ensure_ascii=False)}\t{int('error' in rec)}\t{line}"
 
 
@@ -1107,13 +1128,21 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
                 f.writelines(chunk)
             chunk.clear()
 
+        damaged = 0
         for s in shards:
-            with open(s, encoding="utf-8") as f:
+            with open(s, encoding="utf-8", errors="replace") as f:
                 for line in f:
                     if line.endswith("\n"):  # a partial last line (a kill mid-write) is not a record
-                        chunk.append(_sort_line(line[:-1]) + "\n")
+                        sortable = _sort_line(line[:-1])
+                        if sortable is None:  # a damaged line: skipped, counted (a resume parses its key again)
+                            damaged += 1
+                            continue
+                        chunk.append(sortable + "\n")
                         if len(chunk) >= run_records:
                             spill()
+        if damaged:
+            print(f"warning: {damaged} damaged line(s) in the shard files skipped; rerun their shards (a resume "
+                  "parses those keys again) and merge again", file=sys.stderr)
         if chunk or not runs:
             spill()
         files = [open(r, encoding="utf-8") for r in runs]
@@ -1134,7 +1163,7 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
                 f.close()
     os.replace(path + ".tmp", path)
     return {"records": records, "failed": failed, "shards": len(shards), "missing_shards": missing,
-            "unfinished_shards": unfinished}
+            "unfinished_shards": unfinished, "damaged_lines": damaged}
 
 
 # ----------------------------------------------------------------------------------------------------------

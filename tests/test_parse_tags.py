@@ -332,6 +332,24 @@ def _killable_batched_run(out_dir):
     parse_tags.parse_captions(iter(SAMPLES), FakeBatchLLM(parallel=6, delay=0.05), out_dir, progress=False)
 
 
+def test_a_damaged_line_is_parsed_again_instead_of_blocking_every_restart(tmp_path, capsys):
+    """Zero-filled blocks after a node crash, or two writers on one shard, leave a line that is no record: a
+    resume and a merge skip it and say so, and the resume parses its key again, so nothing is lost."""
+    parse_tags.parse_captions(iter(SAMPLES[:10]), FakeLLM(), str(tmp_path), progress=False)
+    path = tmp_path / "parsed.0-of-1.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    damaged_key = json.loads(lines[3])["key"]
+    lines[3] = "\x00" * 40 + "\n"
+    path.write_text("".join(lines), encoding="utf-8")
+    stats = parse_tags.parse_captions(iter(SAMPLES[:10]), FakeLLM(), str(tmp_path), progress=False)
+    assert stats["resumed"] == 9 and stats["written"] == 1
+    assert "1 damaged line(s) skipped (e.g. line [4])" in capsys.readouterr().err
+    summary = parse_tags.merge(str(tmp_path))
+    assert summary["records"] == 10 and summary["damaged_lines"] == 1
+    merged = [json.loads(l)["key"] for l in open(tmp_path / "parsed.jsonl", encoding="utf-8")]
+    assert merged == sorted(k for k, _ in SAMPLES[:10]) and damaged_key in merged
+
+
 def test_batched_resume_after_kill_mid_batch(tmp_path):
     path, before = kill_after(_killable_batched_run, tmp_path, 5)
     assert 5 <= len(before) < len(SAMPLES)
@@ -347,7 +365,8 @@ def test_shards_merge_and_vocabulary(tmp_path):
     for i in range(3):
         parse_tags.parse_captions(iter(SAMPLES[i::3]), FakeLLM(), str(tmp_path), shard=i, num_shards=3, progress=False)
     summary = parse_tags.merge(str(tmp_path))
-    assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": []}
+    assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": [],
+                       "damaged_lines": 0}
     stats = parse_tags.build_vocab(str(tmp_path), num_objects=5, num_attributes=2)
     vocab = json.load(open(tmp_path / "vocab.json"))
     assert vocab["num_samples"] == 40 and stats["samples_with_objects"] == 38
@@ -422,7 +441,8 @@ def test_streaming_merge_equals_in_memory_merge(tmp_path):
     summary = parse_tags.merge(str(tmp_path), run_records=7)
     merged = records(tmp_path / "parsed.jsonl")
     assert merged == [expected[k] for k in sorted(expected)]
-    assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": []}
+    assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": [],
+                       "damaged_lines": 0}
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".merge-")]  # temporary runs removed
 
 
