@@ -1878,8 +1878,9 @@ def main():
     report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
     read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
                    quoted_tsv=args.quoted_tsv)
-    total = count_samples(files)
-    if total is not None and len(files) < num_shards:
+    by_file = len(files) >= num_shards  # as shard_samples splits: whole files, else every n-th row
+    total = count_samples(files[shard::num_shards] if by_file else files)
+    if total is not None and not by_file:
         total = total // num_shards
     samples = shard_samples(files, shard, num_shards, report_bad, **read_kw)
     try:
