@@ -461,7 +461,8 @@ class BatchTagger:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
-        prefix_text, self.suffix_text = self._template(chat_format)
+        self.prefix_text, self.suffix_text = self._template(chat_format)  # the chat around the caption
+        prefix_text = self.prefix_text
         self.prefix = self.tokenize(prefix_text, add_special=True, parse_special=True)
         self.suffix = self.tokenize(self.suffix_text, add_special=False, parse_special=True)
         # KV cells: each sequence needs room for the longest caption prepare_caption lets through + the answer.
@@ -836,12 +837,14 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
                     yield str(rec[kc]) if kc else f"{stem}/{row}", str(rec.get(caption_column) or "")
     else:
         tsv = path.endswith(".tsv")
-        with open(path, encoding="utf-8", newline="") as f:
-            # TSV has no quoting (CC12M's cc12m.tsv: url TAB caption, one line each): a caption that starts with
-            # '"' would otherwise open a quoted field and swallow the rows after it. quoted_tsv: a TSV written
-            # with CSV-style quoting (Python's csv module, pandas), whose fields may hold tabs and newlines.
-            if tsv and not quoted_tsv:
-                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        # A TSV has no quoting (CC12M's cc12m.tsv: url TAB caption): one record per "\n"-ended line, split at
+        # tabs and nothing else; the csv module would open a quoted field at a caption's leading '"' (and swallow
+        # the rows after it), end a row at a lone '\r', and stop at 131,072 characters. quoted_tsv: a TSV
+        # written with CSV-style quoting (Python's csv module, pandas), whose fields may hold tabs and newlines.
+        plain = tsv and not quoted_tsv
+        with open(path, encoding="utf-8", newline="\n" if plain else "") as f:
+            if plain:
+                reader = (line.rstrip("\n").removesuffix("\r").split("\t") for line in f)
             else:
                 reader = csv.reader(f, delimiter="\t" if tsv else ",")
             header = next(reader) if has_header else None
@@ -857,7 +860,7 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
             ci = column(caption_column)
             ki = column(key_column or ("key" if header and "key" in header else None))
             for row, fields in enumerate(reader):
-                if not fields:
+                if not fields or fields == [""]:
                     continue
                 key = fields[ki] if ki is not None else f"{stem}/{row}"
                 yield key, fields[ci] if ci < len(fields) else ""
@@ -906,7 +909,8 @@ def _record(line):
         rec = json.loads(line)
     except ValueError:
         return None
-    ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and ("error" in rec or "objects" in rec)
+    ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("h"), str) and (
+        "error" in rec or isinstance(rec.get("objects"), list) and isinstance(rec.get("attributes"), list))
     return rec if ok else None
 
 
@@ -943,23 +947,36 @@ def answers(backend, next_job):
             yield ticket, "", str(e)
 
 
-def parse_settings(model_path, chat_format, grounding, max_tokens):
-    """What decides a record, for resume and merge to compare: the model file (name and size), the chat format,
-    the grounding, the answer limit, and a hash of the prompt and grammars this code sends."""
-    prompt = json.dumps([SYSTEM_PROMPT, EXAMPLES, ANSWER_GRAMMAR, STRICT_GRAMMAR, MAX_CAPTION_CHARS])
-    return {"model": os.path.basename(model_path), "model_bytes": os.path.getsize(model_path),
-            "chat_format": chat_format, "grounding": grounding, "max_tokens": max_tokens,
+def parse_settings(model_path, prompt_text, grounding):
+    """What decides a record, for resume and merge to compare: the model (its size and a hash of its first MiB,
+    the GGUF header with its metadata: a renamed or linked file is the same model), the prompt as rendered for
+    it (rules, examples and chat template, however the template was chosen), the grammars and the grounding.
+    Not --max-tokens: greedy answers do not depend on it except where they were cut, which a --retry-failures
+    run with a larger limit is meant to change."""
+    with open(model_path, "rb") as f:
+        head = hashlib.blake2b(f.read(1 << 20), digest_size=8).hexdigest()
+    prompt = json.dumps([prompt_text, ANSWER_GRAMMAR, STRICT_GRAMMAR, MAX_CAPTION_CHARS])
+    return {"model_bytes": os.path.getsize(model_path), "model_head": head, "grounding": grounding,
             "prompt": hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).hexdigest()}
+
+
+class SettingsMismatch(ValueError):
+    """Records on disk were made with other settings than this run's."""
 
 
 def check_settings(path, settings, what):
     """Compare the settings recorded at path with these; write them there when there are none yet."""
+    saved = None
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except ValueError:  # e.g. zero-filled after a node crash: rewritten below
+            print(f"warning: {path} is damaged; writing this run's settings there", file=sys.stderr)
+    if isinstance(saved, dict):
         changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
         if changed:
-            raise ValueError(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them would "
+            raise SettingsMismatch(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them would "
                              "give one vocabulary two meanings: use another --out, or delete "
                              f"{os.path.dirname(path) or '.'}'s parsed.* files to start over")
     else:
@@ -983,10 +1000,14 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
     path = os.path.join(out_dir, f"parsed.{shard}-of-{num_shards}.jsonl")
     if settings is not None:
         check_settings(path[:-len(".jsonl")] + ".settings.json", settings, f"the records of {path}")
-    done, cache = set(), {}
+    done_marker = path[:-len(".jsonl")] + ".done.json"
+    if os.path.exists(done_marker):  # written again when this run has read all its input
+        os.remove(done_marker)
+    done, cache, on_disk = set(), {}, {}  # on_disk: key -> hash of the caption its record was made from
     for rec in read_records(path):
         if "error" not in rec or not retry_failures:
             done.add(rec["key"])
+            on_disk[rec["key"]] = rec["h"]
         if "error" not in rec:
             cache[rec["h"]] = {"objects": rec["objects"], "attributes": rec["attributes"]}
     stats = Counter(resumed=len(done))
@@ -1008,6 +1029,12 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
             for key, caption in source:
                 bar.update(1)
                 if key in done:
+                    if key in on_disk:  # resumed: the record must be of this caption, or keys now mean others
+                        if on_disk.pop(key) != caption_hash(caption):
+                            raise SettingsMismatch(
+                                f"{path}: the record of key {key!r} was made from another caption than the input's "
+                                "now: the input, or how it is read (--quoted-tsv, --caption-column, --key-column, "
+                                "--no-header), changed since; use another --out")
                     stats["skipped"] += 1
                     continue
                 done.add(key)
@@ -1055,7 +1082,7 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
         write_ready()
         if pending or retries:  # the backend stopped early: better a crash than silently missing records
             raise RuntimeError(f"the LLM backend ended with {len(pending)} captions unanswered")
-    with open(path[:-len(".jsonl")] + ".done.json", "w", encoding="utf-8") as f:  # the whole input was read
+    with open(done_marker, "w", encoding="utf-8") as f:  # the whole input was read
         json.dump(dict(stats), f)
     return dict(stats)
 
@@ -1110,12 +1137,15 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
     for i in range(n):
         s = os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json")
         if os.path.isfile(s):
-            with open(s, encoding="utf-8") as f:
-                recorded[i] = json.load(f)
+            try:
+                with open(s, encoding="utf-8") as f:
+                    recorded[i] = json.load(f)
+            except ValueError:
+                print(f"warning: {s} is damaged; shard {i}'s settings cannot be compared", file=sys.stderr)
     if len({json.dumps(v, sort_keys=True) for v in recorded.values()}) > 1:
         first = min(recorded)
         other = next(i for i in sorted(recorded) if recorded[i] != recorded[first])
-        raise ValueError(f"shards {first} and {other} of {out_dir} were parsed with other settings ({recorded[first]} vs "
+        raise SettingsMismatch(f"shards {first} and {other} of {out_dir} were parsed with other settings ({recorded[first]} vs "
                          f"{recorded[other]}); parse them again with the same model, chat format and flags")
     path = os.path.join(out_dir, "parsed.jsonl")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp:
@@ -1141,8 +1171,8 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
                         if len(chunk) >= run_records:
                             spill()
         if damaged:
-            print(f"warning: {damaged} damaged line(s) in the shard files skipped; rerun their shards (a resume "
-                  "parses those keys again) and merge again", file=sys.stderr)
+            print(f"warning: {damaged} damaged line(s) in the shard files skipped; a resume of their shards parses "
+                  "those keys again (if one already ran, nothing is missing)", file=sys.stderr)
         if chunk or not runs:
             spill()
         files = [open(r, encoding="utf-8") for r in runs]
@@ -1875,7 +1905,10 @@ def main():
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
-    report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
+    errors = os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl")
+    if os.path.exists(errors):  # a run reads all its input again: its unreadable files are reported again
+        os.remove(errors)
+    report_bad = bad_file_reporter(errors)
     read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
                    quoted_tsv=args.quoted_tsv)
     by_file = len(files) >= num_shards  # as shard_samples splits: whole files, else every n-th row
@@ -1886,10 +1919,11 @@ def main():
     try:
         stats = parse_captions(samples, backend, args.out, shard, num_shards, total, args.retry_failures,
                                grounding=args.grounding,
-                               settings=parse_settings(model, args.chat_format, args.grounding, args.max_tokens))
+                               settings=parse_settings(model, backend.prefix_text + "\x01" + backend.suffix_text,
+                                                       args.grounding))
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: results so far are saved; run the same command again to resume")
-    except ValueError as e:  # e.g. a resume with other settings
+    except SettingsMismatch as e:
         sys.exit(f"error: {e}")
     print(json.dumps(stats))
 

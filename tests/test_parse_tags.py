@@ -181,7 +181,8 @@ def test_readers_for_every_format(tmp_path):
     with open(tmp_path / "c.tsv", "w", newline="") as f:  # written with CSV quoting (the caption holds a tab)
         csv.writer(f, delimiter="\t").writerows([[c, "http://x"] for _, c in samples])
     # a plain TSV as CC12M's: quotes are text, one record per line, even where a caption starts with a quote
-    plain = [("http://a", '"Best" day ever'), ("http://b", '"unmatched quote opens nothing'), ("http://c", "x")]
+    plain = [("http://a", '"Best" day ever'), ("http://b", '"unmatched quote opens nothing'),
+             ("http://c", "a lone \r carriage return"), ("http://d", "long " * 40000)]
     (tmp_path / "plain.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in plain), encoding="utf-8")
     with open(tmp_path / "c.jsonl", "w") as f:
         f.writelines(json.dumps({"id": k, "text": c}) + "\n" for k, c in samples)
@@ -387,17 +388,25 @@ def test_shards_merge_and_vocabulary(tmp_path):
     assert labels.get("999999") is None and labels.get("abc") is None
 
 
+def test_parse_settings_name_the_model_by_content_and_the_prompt_as_rendered(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    os.symlink(tmp_path / "model.gguf", tmp_path / "linked.gguf")
+    a = parse_tags.parse_settings(str(tmp_path / "model.gguf"), "USER: \x01 ASSISTANT:", "all")
+    assert parse_tags.parse_settings(str(tmp_path / "linked.gguf"), "USER: \x01 ASSISTANT:", "all") == a
+    assert parse_tags.parse_settings(str(tmp_path / "model.gguf"), "<|im_start|>user \x01", "all")["prompt"] != a["prompt"]
+    assert set(a) == {"model_bytes", "model_head", "grounding", "prompt"}  # not --max-tokens: a retry may raise it
+
+
 def test_settings_are_recorded_and_a_resume_or_merge_with_others_refused(tmp_path, capsys):
     """Records of another model, chat format, grounding or prompt must not mix with these: a resume with other
     settings and a merge of shards parsed with different ones stop; a shard that did not finish its input is
     merged with a warning naming it."""
-    ours = {"model": "m.gguf", "model_bytes": 1, "chat_format": "vicuna", "grounding": "all", "max_tokens": 48,
-            "prompt": "abc"}
+    ours = {"model_bytes": 1, "model_head": "ab12", "grounding": "all", "prompt": "vicuna-rendered"}
     parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
     assert json.load(open(tmp_path / "parsed.0-of-2.settings.json")) == ours
     assert (tmp_path / "parsed.0-of-2.done.json").exists()
-    other = dict(ours, chat_format="chatml")
-    with pytest.raises(ValueError, match="parsed with other settings \\(chat_format: 'vicuna' there, 'chatml' now\\)"):
+    other = dict(ours, prompt="chatml-rendered")
+    with pytest.raises(ValueError, match="parsed with other settings \\(prompt: 'vicuna-rendered' there, 'chatml-rendered' now\\)"):
         parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False,
                                   settings=other)
     parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
@@ -413,6 +422,15 @@ def test_settings_are_recorded_and_a_resume_or_merge_with_others_refused(tmp_pat
     capsys.readouterr()
     assert parse_tags.merge(str(tmp_path))["unfinished_shards"] == [1]
     assert "shards [1] of 2 have not finished their input" in capsys.readouterr().err
+    # the same keys now naming other captions (the input, or how it is read, changed): refused on resume
+    shifted = [(k, c + " and a kite") for k, c in SAMPLES[0::2]]
+    with pytest.raises(parse_tags.SettingsMismatch, match="record of key '000000' was made from another caption"):
+        parse_tags.parse_captions(iter(shifted), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
+    # a settings file zero-filled by a crash is rewritten with a warning, not a JSONDecodeError forever
+    (tmp_path / "parsed.0-of-2.settings.json").write_bytes(b"\x00" * 64)
+    parse_tags.parse_captions(iter(SAMPLES[0::2]), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
+    assert "settings.json is damaged" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "parsed.0-of-2.settings.json")) == ours
 
 
 def test_string_keys_and_mixed_shard_counts(tmp_path):
