@@ -90,6 +90,9 @@ PAPER = {"voc": (55.3, 57.9), "context": (32.7, 34.3), "coco_object": (35.1, 35.
 PAPER_REFER = {("refcoco", "val"): 18.75, ("refcoco", "testA"): 20.31, ("refcoco", "testB"): 20.64,
                ("refcoco+", "val"): 19.24, ("refcoco+", "testA"): 20.88, ("refcoco+", "testB"): 21.23,
                ("refcocog", "val"): 23.69}
+# Validation images per dataset (SPEC section 7).
+EXPECTED_COUNTS = {"voc": 1449, "voc20": 1449, "context": 5105, "context59": 5105, "coco_object": 5000,
+                   "coco_stuff": 5000, "cityscapes": 500, "ade": 2000, "imagenet_s50": 752, "imagenet_s300": 4097}
 
 
 def read_classes(name):
@@ -769,9 +772,6 @@ def check_inputs(args, names):
 
 # ---- --check: the prepared data alone, no model
 
-# Validation images per dataset (SPEC section 7).
-EXPECTED_COUNTS = {"voc": 1449, "voc20": 1449, "context": 5105, "context59": 5105, "coco_object": 5000,
-                   "coco_stuff": 5000, "cityscapes": 500, "ade": 2000, "imagenet_s50": 752, "imagenet_s300": 4097}
 # Datasets that read exactly the files of another: with reduce_zero_label a raw value is valid for the alias when
 # it is for the other (voc: 0..20 or 255; voc20: raw 0 and 255 ignored, 1..20 -> 0..19), so --check reads them once.
 SAME_FILES = {"voc20": "voc", "context59": "context"}

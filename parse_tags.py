@@ -439,8 +439,9 @@ class BatchTagger:
     - each sequence samples greedily under its own grammar state (ANSWER_GRAMMAR, or STRICT_GRAMMAR for a
       retry); a finished sequence drops its caption's KV cells (the prefix stays) and takes the next caption.
     run(next_job) is a generator: it calls next_job() -> (ticket, text, strict) or None (nothing now) whenever a
-    sequence is free, ends when all are free and next_job() has nothing, and yields (ticket, raw answer, error or None) as captions finish, in finishing order. Calling the
-    object on one caption (tagger(text, strict)) is the one-at-a-time path of tag_caption."""
+    sequence is free, ends when all are free and next_job() has nothing, and yields (ticket, raw answer, error or
+    None) as captions finish, in finishing order. Calling the object on one caption (tagger(text, strict)) is the
+    one-at-a-time path of tag_caption."""
 
     def __init__(self, model_path, chat_format=None, parallel=32, n_threads=None, n_gpu_layers=None,
                  max_tokens=48, kv_unified=True, n_batch=512):
@@ -462,8 +463,7 @@ class BatchTagger:
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.prefix_text, self.suffix_text = self._template(chat_format)  # the chat around the caption
-        prefix_text = self.prefix_text
-        self.prefix = self.tokenize(prefix_text, add_special=True, parse_special=True)
+        self.prefix = self.tokenize(self.prefix_text, add_special=True, parse_special=True)
         self.suffix = self.tokenize(self.suffix_text, add_special=False, parse_special=True)
         # KV cells: each sequence needs room for the longest caption prepare_caption lets through + the answer.
         # With one unified stream the prefix cells are shared, so they count once (a stream per sequence holds a
@@ -964,21 +964,31 @@ class SettingsMismatch(ValueError):
     """Records on disk were made with other settings than this run's."""
 
 
+def read_settings(path):
+    """A shard's recorded settings, or None when there are none or the file is damaged (said on stderr: e.g.
+    zero-filled after a node crash)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        print(f"warning: {path} is damaged; its settings cannot be compared", file=sys.stderr)
+        return None
+    return saved
+
+
 def check_settings(path, settings, what):
-    """Compare the settings recorded at path with these; write them there when there are none yet."""
-    saved = None
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except ValueError:  # e.g. zero-filled after a node crash: rewritten below
-            print(f"warning: {path} is damaged; writing this run's settings there", file=sys.stderr)
-    if isinstance(saved, dict):
+    """Compare the settings recorded at path with these; write them there when there are none (or damaged ones)."""
+    saved = read_settings(path)
+    if saved is not None:
         changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
         if changed:
-            raise SettingsMismatch(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them would "
-                             "give one vocabulary two meanings: use another --out, or delete "
-                             f"{os.path.dirname(path) or '.'}'s parsed.* files to start over")
+            raise SettingsMismatch(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them "
+                                   "would give one vocabulary two meanings: use another --out, or delete "
+                                   f"{os.path.dirname(path) or '.'}'s parsed.* files to start over")
     else:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
@@ -1133,20 +1143,14 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
     if errors:
         print(f"warning: input files could not be read (their samples have no tags): see {', '.join(sorted(errors))}",
               file=sys.stderr)
-    recorded = {}
-    for i in range(n):
-        s = os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json")
-        if os.path.isfile(s):
-            try:
-                with open(s, encoding="utf-8") as f:
-                    recorded[i] = json.load(f)
-            except ValueError:
-                print(f"warning: {s} is damaged; shard {i}'s settings cannot be compared", file=sys.stderr)
+    recorded = {i: read_settings(os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json")) for i in range(n)}
+    recorded = {i: v for i, v in recorded.items() if v is not None}
     if len({json.dumps(v, sort_keys=True) for v in recorded.values()}) > 1:
         first = min(recorded)
         other = next(i for i in sorted(recorded) if recorded[i] != recorded[first])
-        raise SettingsMismatch(f"shards {first} and {other} of {out_dir} were parsed with other settings ({recorded[first]} vs "
-                         f"{recorded[other]}); parse them again with the same model, chat format and flags")
+        raise SettingsMismatch(f"shards {first} and {other} of {out_dir} were parsed with other settings "
+                               f"({recorded[first]} vs {recorded[other]}); parse them again with the same model, "
+                               "chat format and flags")
     path = os.path.join(out_dir, "parsed.jsonl")
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp:
         runs, chunk = [], []
@@ -1540,9 +1544,9 @@ def shard_metadata(path, warn=lambda file, message: print(f"{file}: {message}", 
 
 def _shard_urls(path):
     """One shard's samples for read_shard_urls (a worker process's job): (path, keys, their URLs' url_hash,
-    which keys have a URL (one byte each), counts, error message or None, warnings). Samples whose status is not success
-    (the parquet lists failed downloads too) are not samples. On a read error, what was read before it is kept
-    (train.py reads that much of the shard too)."""
+    which keys have a URL (one byte each), counts, error message or None, (file, warning) pairs). Samples whose
+    status is not success (the parquet lists failed downloads too) are not samples. On a read error, what was read
+    before it is kept (train.py reads that much of the shard too)."""
     keys, hashes, with_url, counts, error, warnings = [], bytearray(), bytearray(), Counter(), None, []
     try:
         for key, url, status in shard_metadata(path, lambda *w: warnings.append(w)):
@@ -1607,9 +1611,10 @@ def read_shard_urls(files, report_bad, workers=1):
 
 def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits):
     """One batch of index entries (url hashes, list lengths, flat tag indices) joined with the shard samples:
-    (row << 32 | tag) pairs, entries found, entries with out-of-range indices, with indices below 0 or above K,
-    with an index equal to K (one past the list: the off-by-one sign), smallest and largest index. Adds to tag_uses (K: how often each tag is in the index) and url_hits (per shard URL: index entries naming
-    it; above 1 when the index lists a URL twice)."""
+    (row << 32 | tag) pairs, (smallest, largest index), and counts of entries: found, with indices out of range
+    ("bad"), below 0 or above K ("far"), equal to K ("at_k": one past the list, the off-by-one sign). Adds to
+    tag_uses (K: how often each tag is in the index) and url_hits (per shard URL: index entries naming it; above
+    1 when the index lists a URL twice)."""
     h = np.frombuffer(batch[0], dtype=np.uint64)
     lengths = np.frombuffer(batch[1], dtype=np.int64)
     ids = np.frombuffer(batch[2], dtype=np.int64)
@@ -1627,9 +1632,9 @@ def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits
         tags = tags[(tags >= 0) & (tags < K)]
         pairs += [sorted_rows[j] << 32 | tags for j in range(left[e], left[e] + matches[e])]
     bounds = (int(ids.min()), int(ids.max())) if len(ids) else None
-    far = len(np.unique(entry_of[(ids < 0) | (ids > K)]))
-    return pairs, int((matches > 0).sum()), len(np.unique(entry_of[bad])), far, len(np.unique(entry_of[ids == K])), \
-        bounds
+    entries_with = lambda mask: len(np.unique(entry_of[mask]))
+    return pairs, bounds, Counter(found=int((matches > 0).sum()), bad=entries_with(bad),
+                                  far=entries_with((ids < 0) | (ids > K)), at_k=entries_with(ids == K))
 
 
 def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_column=None, tags_header="auto",
@@ -1648,7 +1653,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     The header guess is checked against the index, since a wrong one shifts every tag by one: a guessed header
     (no --tags-header) with index entries using K (one past the list), or with no header found and the last row
     used by no entry, is refused with the flags that settle it; an index that uses K and never 0 (1-based) is
-    refused whatever the flags; with an explicit --tags-header, entries using K are dropped and warned about. log(message) gets the CSV reading before the long part starts.
+    refused whatever the flags; with an explicit --tags-header, entries using K are dropped and warned about.
+    log(message) gets the CSV reading before the long part starts.
     Returns the report (counts)."""
     names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
     K = len(names)
@@ -1685,16 +1691,15 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     sorted_hashes, sorted_rows = hashes[order], inverse[rows[order]]
     del order, inverse, rows, hashes
 
-    entries = found = bad_entries = far_entries = at_k = 0
+    entries, kinds = 0, Counter(found=0, bad=0, far=0, at_k=0)  # index entries, and those of each kind
     lo, hi, first_url, pairs = None, None, None, []
     tag_uses, url_hits = np.zeros(K, dtype=np.int64), np.zeros(len(sorted_hashes), dtype=np.int32)
 
     def join(batch):
-        nonlocal found, bad_entries, far_entries, at_k, lo, hi
-        new, n_found, n_bad, n_far, n_at_k, bounds = _labels_for_entries(batch, sorted_hashes, sorted_rows, K,
-                                                                         tag_uses, url_hits)
+        nonlocal lo, hi
+        new, bounds, counts = _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits)
         pairs.extend(new)
-        found, bad_entries, far_entries, at_k = found + n_found, bad_entries + n_bad, far_entries + n_far, at_k + n_at_k
+        kinds.update(counts)
         if bounds:
             lo = bounds[0] if lo is None else min(lo, bounds[0])
             hi = bounds[1] if hi is None else max(hi, bounds[1])
@@ -1715,10 +1720,11 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
             join(batch)
             batch = (bytearray(), array("q"), array("q"))
     join(batch)
+    found, bad_entries, at_k = kinds["found"], kinds["bad"], kinds["at_k"]
     mismatch = (f"{bad_entries:,} of {entries:,} index entries have tag indices outside 0..{K - 1} (seen {lo}..{hi}) "
                 f"but {tags_path} has {K} tags: the tag list does not belong to this index (or was read with a wrong "
                 "header/column: see --tags-header, --tag-column)")
-    if far_entries > MAX_OUT_OF_RANGE * entries:  # far outside, not one past: another list
+    if kinds["far"] > MAX_OUT_OF_RANGE * entries:  # far outside, not one past: another list
         raise ValueError(mismatch)
     if at_k:  # the classic off-by-one: every tag would be shifted by one, which trains without a complaint
         past = (f"{at_k:,} index entries use tag index {K}, one past the last of the {K:,} tags read from "
@@ -1797,7 +1803,11 @@ def count_samples(files):
 
 
 def bad_file_reporter(errors_path):
-    """report_bad(path, error) for the readers: a line on stderr and a JSONL record in errors_path."""
+    """report_bad(path, error) for the readers: a line on stderr and a JSONL record in errors_path. A run reads
+    all its input again, so the file starts empty: it lists this run's unreadable files."""
+    if os.path.exists(errors_path):
+        os.remove(errors_path)
+
     def report_bad(path, error):
         print(f"\nbad input file: {path}: {error}", file=sys.stderr)
         with open(errors_path, "a", encoding="utf-8") as f:
@@ -1877,8 +1887,6 @@ def main():
                 raise ValueError("import needs --tags object_list.csv, --index CC12M_url_object_index.json and "
                                  "--shards 'cc12m/*.tar'")
             errors = os.path.join(args.out, "errors.import.jsonl")
-            if os.path.exists(errors):  # an import starts over, so its error list does too
-                os.remove(errors)
             report = import_tags(args.tags, args.index, input_files(args.shards), args.out,
                                  bad_file_reporter(errors), args.tag_column, args.tags_header, args.workers)
             print(json.dumps(report))
@@ -1905,10 +1913,7 @@ def main():
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
-    errors = os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl")
-    if os.path.exists(errors):  # a run reads all its input again: its unreadable files are reported again
-        os.remove(errors)
-    report_bad = bad_file_reporter(errors)
+    report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
     read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
                    quoted_tsv=args.quoted_tsv)
     by_file = len(files) >= num_shards  # as shard_samples splits: whole files, else every n-th row

@@ -24,6 +24,7 @@ What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
 - Training-free baselines on the same backbone: MaskCLIP, SCLIP, ClearCLIP, NACLIP and plain CLIP.
 """
 import argparse
+import datetime
 import gc
 import hashlib
 import math
@@ -328,9 +329,10 @@ def distributed():
 
 def init_distributed(timeout_minutes=None):
     """The one DDP set-up of train.py and evaluate.py. timeout_minutes: how long a rank may wait in a collective
-    for the others (None: torch's default, 10 minutes under NCCL); train.py raises it for a resume's re-read. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain
-    `python x.py` is one process. With CUDA each process takes GPU LOCAL_RANK *before* NCCL starts (else every
-    rank's NCCL communicator and every `.cuda()` lands on GPU 0) and the backend is NCCL, else gloo.
+    for the others (None: torch's default, 10 minutes under NCCL); train.py raises it for a resume's re-read.
+    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python x.py` is one process. With CUDA each process
+    takes GPU LOCAL_RANK *before* NCCL starts (else every rank's NCCL communicator and every `.cuda()` lands on
+    GPU 0) and the backend is NCCL, else gloo.
     Returns (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -345,7 +347,6 @@ def init_distributed(timeout_minutes=None):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        import datetime
         timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
         # device_id binds NCCL to this GPU (the final barrier and every collective use it, no guessing from rank)
         bound = {"device_id": device} if device.type == "cuda" else {}

@@ -508,7 +508,8 @@ def train(args, rank, world, device):
     resolved = {"surgery_layers": raw_model.cfg.surgery_layers, "image_size": image_size,
                 "clip_quick_gelu": clip.cfg.quick_gelu}
     if ckpt is not None:
-        check_resume(resolved_of(ckpt), resolved, ckpt_path, fields=[f for f in RESOLVED_FIELDS if f in resolved_of(ckpt)])
+        saved = resolved_of(ckpt)
+        check_resume(saved, resolved, ckpt_path, fields=[f for f in RESOLVED_FIELDS if f in saved])
     run.update(image_size=image_size)  # recorded with the data state (surgery and activation are in the checkpoint)
     tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
     emb = {k: tagalign.tag_embeddings(clip, tags[k], os.path.join(args.out, f"tag_embeddings_{k}.pt") if master else None).to(device)
