@@ -26,6 +26,7 @@ import hashlib
 import html
 import json
 import os
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -494,13 +495,14 @@ def read_state_dict(path, info=None):
     return dict(sd)
 
 
-def activation_for(path, quick_gelu=None, run_name=None):
+def activation_for(path, quick_gelu=None, names=()):
     """(quick_gelu, why) for a checkpoint file. The activation is not in the weights: OpenAI trained with QuickGELU,
     open_clip's LAION and DataComp models with exact GELU, MetaCLIP with QuickGELU. A wrong guess does not fail,
     it quietly shifts every feature, so the choice is always reported. Order: the caller's explicit choice (a
-    flag); OpenAI's TorchScript release; open_clip_config.json beside the file (the hub's repos ship one, its
-    model_cfg.quick_gelu is authoritative); a hint in the file name, its Hugging Face cache folder or the run name
-    of an open_clip training checkpoint (open_clip names QuickGELU models '*-quickgelu*', e.g.
+    flag); OpenAI's TorchScript release; open_clip_config.json beside the file (the hub's repos ship one) when its
+    model_cfg says quick_gelu (older snapshots of some QuickGELU repos lack the key, so its absence is no answer);
+    a hint in the file name, its Hugging Face cache folder or `names` (the run name of an open_clip training
+    checkpoint, the URL it came from; open_clip names QuickGELU models '*-quickgelu*', e.g.
     'ViT-B-32-quickgelu-metaclip_400m.pt'); else exact GELU. MetaCLIP's own files (b32_400m.pt, ...) carry no
     hint: they need the flag."""
     if quick_gelu is not None:
@@ -508,16 +510,21 @@ def activation_for(path, quick_gelu=None, run_name=None):
     if is_torchscript(path):
         return True, "OpenAI's TorchScript release"
     config = os.path.join(os.path.dirname(os.path.abspath(path)), "open_clip_config.json")
+    silent_config = False
     if os.path.isfile(config):
         with open(config, encoding="utf-8") as f:
-            quick = bool(json.load(f).get("model_cfg", {}).get("quick_gelu", False))
-        return quick, "open_clip_config.json beside it"
+            model_cfg = json.load(f).get("model_cfg", {})
+        if "quick_gelu" in model_cfg:
+            return bool(model_cfg["quick_gelu"]), "open_clip_config.json beside it"
+        silent_config = True
     # only names that describe the model: the file, and a hub cache folder models--org--repo (not the user's folders)
-    names = [os.path.basename(path)] + [d for d in os.path.abspath(path).split(os.sep) if d.startswith("models--")]
-    names += [run_name] if run_name else []
+    names = [os.path.basename(path)] + [d for d in os.path.abspath(path).split(os.sep) if d.startswith("models--")] \
+        + list(names)
     hint = next((h for h in QUICK_GELU_HINTS for n in names if h in n.lower()), None)
     if hint:
         return True, f"'{hint}' in its name"
+    if silent_config:
+        return False, "open_clip_config.json beside it names no quick_gelu: open_clip's default, GELU"
     return False, ("a state dict with no QuickGELU hint in its name: open_clip's default (LAION, DataComp); "
                    "pass --clip-act quickgelu for a model trained with QuickGELU")
 
@@ -558,13 +565,27 @@ def download_file(url, target, sha256=None):
     return target
 
 
+def known_patch_size(name):
+    """The patch size of an OpenAI model name ('ViT-L/14@336px' -> 14), None for a path or URL: lets a command
+    check its window before a download."""
+    return int(name.split("/")[1].split("@")[0]) if name in MODELS else None
+
+
 def download(name="ViT-B/16", root=None):
-    """Fetch OpenAI's checkpoint to a cache (default ~/.cache/clip), check the SHA-256 in its URL, return the path."""
+    """Fetch a checkpoint to a cache (default ~/.cache/clip) and return the path. OpenAI's URLs (and any URL
+    whose second-to-last part is a SHA-256) are checked against it and cached by file name; another URL (e.g. a
+    Hugging Face `.../resolve/main/open_clip_pytorch_model.bin`, a name many repos share) is cached in a folder
+    named after the URL, unverified."""
     url = MODELS.get(name, name)
     if not url.startswith(("http://", "https://", "file://")):
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or pass a URL or a local path")
     root = root or os.path.expanduser("~/.cache/clip")
-    return download_file(url, os.path.join(root, os.path.basename(url)), sha256=url.split("/")[-2])
+    digest = url.split("/")[-2] if url.count("/") > 1 else ""
+    if re.fullmatch(r"[0-9a-f]{64}", digest):
+        return download_file(url, os.path.join(root, os.path.basename(url)), sha256=digest)
+    folder = "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    print(f"{url}: no SHA-256 in the URL, so the download is not verified", file=sys.stderr)
+    return download_file(url, os.path.join(root, folder, os.path.basename(url)))
 
 
 def load(name_or_path="ViT-B/16", device="cpu", root=None, quick_gelu=None):
@@ -574,7 +595,9 @@ def load(name_or_path="ViT-B/16", device="cpu", root=None, quick_gelu=None):
     path = download(name_or_path, root) if is_remote else name_or_path  # a missing path: "checkpoint not found"
     info = {}
     sd = read_state_dict(path, info)
-    quick_gelu, why = activation_for(path, quick_gelu, info.get("name"))
+    # names that describe the model besides the path: an open_clip training run's name, another site's URL
+    names = [info.get("name"), name_or_path if is_remote and name_or_path not in MODELS else None]
+    quick_gelu, why = activation_for(path, quick_gelu, [n for n in names if n])
     model = build_model(sd, quick_gelu).to(device)
     model.activation = f"{'QuickGELU' if quick_gelu else 'GELU'} ({why})"
     return model

@@ -581,7 +581,7 @@ def command_line(args, methods, names, per_dataset, surgery_layers, clip, quick_
     Per-dataset values (threshold, stride) come from the code's table unless a flag overrode them."""
     argv = ["python3", "evaluate.py"] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
         + ["--clip", clip, "--clip-act", "quickgelu" if quick_gelu else "gelu"]
-    if "tagalign" in methods and not args.checkpoint:
+    if {"tagalign", "surgery"} & set(methods) and not args.checkpoint:
         argv += ["--surgery-layers", str(surgery_layers)]
     argv += ["--methods", ",".join(methods), "--datasets", ",".join(names), "--data-root", args.data_root,
              "--rule", args.rule, "--clip-weight", str(args.clip_weight), "--templates", args.templates]
@@ -618,8 +618,9 @@ def run_settings(args, methods, names, results, model, world):
             "template_count": len(tagalign.load_templates(args.templates)), "pamr": args.pamr,
             "ref_threshold": args.ref_threshold if any(n in REFER for n in names) else None,
             "clip": clip,
-            "clip_architecture": clip_model.describe(model.clip),
-            "checkpoint": args.checkpoint, "tagalign_surgery_layers": surgery_layers if "tagalign" in methods else None,
+            "clip_architecture": clip_model.describe(model.clip), "clip_blocks": cfg.vision_layers,
+            "checkpoint": args.checkpoint,
+            "surgery_layers": surgery_layers if {"tagalign", "surgery"} & set(methods) else None,
             "limit": args.limit, "processes": world, "code": code_version()}
 
 
@@ -663,7 +664,9 @@ def report(header, rows, s):
                  f"PAMR {'on (each window, on its patch grid)' if s['pamr'] else 'off'}"]
     inference += [f"RefCOCO threshold {s['ref_threshold']}"] if s["ref_threshold"] is not None else []
     model = [f"CLIP {s['clip']} ({s['clip_architecture']})", f"checkpoint {s['checkpoint'] or 'none'}"]
-    model += [f"tagalign's surgery layers {s['tagalign_surgery_layers']}"] if s["tagalign_surgery_layers"] else []
+    if s["surgery_layers"] is not None:
+        model.append(f"surgery layers {s['surgery_layers']} (the last of {s['clip_blocks']} blocks; tagalign and "
+                     "the surgery baseline)")
     run = [f"images: the first {s['limit']} per dataset" if s["limit"] else "images: all",
            f"processes {s['processes']}", f"code {s['code']}"]
     lines += [""] + ["- " + "; ".join(part) for part in (inference, model, run)]
@@ -682,7 +685,8 @@ def parse_args(argv=None):
                         "'baselines' (all of these) or 'all' (tagalign and the baselines)")
     p.add_argument("--method", default=None, help="one feature source: the same as --methods NAME (default tagalign)")
     p.add_argument("--surgery-layers", type=int, default=None,
-                   help="without --checkpoint: tagalign's CLIP Surgery blocks (default: tagalign.load_model's)")
+                   help="CLIP Surgery blocks of tagalign (untrained) and of the surgery baseline (default: the last "
+                   "half of the CLIP's; with --checkpoint, the checkpoint's, and a different value is an error)")
     p.add_argument("--dataset", default=None, help="one dataset: " + ", ".join(STANDARD + list(REFER)))
     p.add_argument("--datasets", default=None, help="comma-separated datasets, or 'all' (the ten) or 'refer'")
     p.add_argument("--data-root", required=True, help="folder holding the datasets' folders (see the docstring)")
@@ -732,7 +736,8 @@ def requested_methods(args):
 
 def requested_datasets(args):
     names = (args.datasets or args.dataset or "").split(",")
-    names = STANDARD if names == ["all"] else list(REFER) if names == ["refer"] else [n.strip() for n in names if n.strip()]
+    names = STANDARD if names == ["all"] else list(REFER) if names == ["refer"] else \
+        list(dict.fromkeys(n.strip() for n in names if n.strip()))  # a dataset named twice runs once
     unknown = [n for n in names if n not in DATASETS and n not in REFER]
     if not names or unknown:
         raise ValueError(f"unknown or no dataset {unknown}; choose from {', '.join(STANDARD + list(REFER))}, all, refer")
@@ -755,7 +760,7 @@ def check_inputs(args, names):
         raise ValueError(f"--clip-weight must be in [0, 1], got {args.clip_weight}")
     if not 0 <= args.ref_threshold < 1:
         raise ValueError(f"--ref-threshold must be in [0, 1), got {args.ref_threshold}")
-    tagalign.check_model_files(args.checkpoint, args.clip)
+    tagalign.check_model_files(args.checkpoint, args.clip, args.window, args.surgery_layers)
     if not os.path.isdir(args.data_root):
         raise FileNotFoundError(f"--data-root {args.data_root} is not a folder")
     for name in names:

@@ -199,21 +199,30 @@ def load_checkpoint(path, clip=None, device="cpu"):
     return model.to(device).eval()
 
 
-def check_model_files(checkpoint=None, clip=None):
+def check_model_files(checkpoint=None, clip=None, window=None, surgery_layers=None):
     """Fail in a second, not after a CLIP download: the checkpoint must be a file, and clip a known model name,
-    a URL or a file."""
+    a URL or a file. With a window, a CLIP named by OpenAI's name (given, or the checkpoint's) must have a patch
+    size that divides it; with surgery_layers and a checkpoint, they must be the checkpoint's (it was trained
+    with its own)."""
     if checkpoint and not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"TagAlign checkpoint not found: {checkpoint}")
     if clip and clip not in clip_model.MODELS and "://" not in clip and not os.path.isfile(clip):
         raise FileNotFoundError(f"CLIP checkpoint not found: {clip} (a file, or a model name: "
                                 f"{', '.join(clip_model.MODELS)})")
+    ckpt = read_checkpoint(checkpoint) if checkpoint and (surgery_layers is not None or window and not clip) \
+        else None
+    if window:
+        check_window(window, clip_model.known_patch_size(clip or (ckpt["clip"] if ckpt else "ViT-B/16")))
+    if ckpt and surgery_layers is not None and surgery_layers != ckpt["config"].get("surgery_layers"):
+        raise ValueError(f"--surgery-layers {surgery_layers}, but {checkpoint} was trained with "
+                         f"{ckpt['config'].get('surgery_layers')}: drop the flag (the checkpoint's is used)")
 
 
 def load_model(checkpoint=None, clip=None, surgery_layers=None, device="cpu", quick_gelu=None):
     """A TagAlign checkpoint, or without one the untrained model (identity projector = CLIP Surgery) with
     surgery_layers (default: the last half of the CLIP's blocks). clip: a CLIP path or name (default: the
     checkpoint's, else ViT-B/16). quick_gelu: the CLIP's activation (None: the checkpoint's, else from the file)."""
-    check_model_files(checkpoint, clip)  # before a CLIP is loaded or downloaded
+    check_model_files(checkpoint, clip, surgery_layers=surgery_layers)  # before a CLIP is loaded or downloaded
     if clip or not checkpoint:
         recorded = None
         if checkpoint and quick_gelu is None:  # another copy of the same CLIP: keep the activation it was trained on
@@ -241,7 +250,7 @@ def inference_defaults(clip):
 
 def check_window(window, patch):
     """A window that is not a multiple of the patch size would be padded with zeros, which CLIP never saw."""
-    if window % patch:
+    if patch and window % patch:
         lo = max(patch, window // patch * patch)
         raise ValueError(f"--window {window} is not a multiple of the CLIP's patch size {patch}; use {lo} or {lo + patch}")
 
@@ -476,11 +485,12 @@ def gaussian_prior(h, w, sigma, device):
 
 
 @torch.no_grad()
-def baseline_features(clip, images, method):
-    """(B, 3, H, W) -> (B, h, w, D) dense features of a training-free method (not normalised)."""
+def baseline_features(clip, images, method, surgery_layers=None):
+    """(B, 3, H, W) -> (B, h, w, D) dense features of a training-free method (not normalised). surgery_layers:
+    the CLIP Surgery baseline's depth (None: the last half of the blocks, as TagAlign's default)."""
     vis = clip.visual
     if method == "surgery":
-        x, (h, w) = vis.forward_surgery(images)
+        x, (h, w) = vis.forward_surgery(images, surgery_layers)
         return vis.head(x[:, 1:]).view(x.shape[0], h, w, -1)
     x, (h, w) = vis.embed(images)
     *blocks, last = vis.transformer.resblocks
@@ -512,15 +522,17 @@ def baseline_features(clip, images, method):
 
 def feature_fn(model, method="tagalign"):
     """The inference path's feature source: windows (n, 3, H, W) -> (f_main, f_clip), each (n, h, w, D). The
-    function carries the backbone's patch_size, to which sliding_scores pads the windows."""
+    function carries the backbone's patch_size, to which sliding_scores pads the windows. With a TagAlign model
+    the surgery baseline uses its surgery layers (the comparison of a trained model with its starting point)."""
     if method == "tagalign" and not isinstance(model, TagAlign):
         raise ValueError("method 'tagalign' needs a TagAlign model")
     clip = model.clip if isinstance(model, TagAlign) else model
+    surgery_layers = model.cfg.surgery_layers if isinstance(model, TagAlign) else None
 
     def features(windows):
         if method == "tagalign":
             return model.dense_features(windows)
-        f = baseline_features(clip, windows, method)
+        f = baseline_features(clip, windows, method, surgery_layers)
         return f, f  # no separate CLIP branch: the blend is a no-op
     features.patch_size = clip.visual.patch_size
     return features
@@ -727,7 +739,8 @@ def main(argv=None):
                         help="sliding window size (default: twice the CLIP's input size, 448 for ViT-B/16)")
     parser.add_argument("--stride", type=int, default=None, help="sliding window stride (default: half the window)")
     parser.add_argument("--short-side", type=int, default=None,
-                        help="resize the short side to this before windows (default: the window)")
+                        help="resize the short side to this before windows (default: twice the CLIP's input size, "
+                        "as evaluate.py)")
     parser.add_argument("--pamr", action="store_true", help="refine the maps with PAMR")
     parser.add_argument("--heatmap", default="share", choices=["share", "cosine"],
                         help="share: each query's share of the rule's probability (fixed 0-1 scale); cosine: the "
@@ -749,6 +762,7 @@ def main(argv=None):
             img = Image.open(args.image).convert("RGB")
         except OSError as e:
             raise ValueError(f"cannot read image {args.image} ({e})") from e
+        check_model_files(args.checkpoint, args.clip, args.window, args.surgery_layers)
         model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device,
                            clip_model.ACTIVATIONS[args.clip_act])  # checks its files first
         window = args.window or inference_defaults(model.clip)["window"]
@@ -759,7 +773,7 @@ def main(argv=None):
     text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
     features = feature_fn(model, args.method)
     kw = dict(window=window, stride=args.stride or half_window(window, model.clip.visual.patch_size),
-              short_side=args.short_side or window,
+              short_side=args.short_side or inference_defaults(model.clip)["short_side"],
               clip_weight=args.clip_weight)
     labels, scores = segment(features, img, text_emb, rule=args.rule, bg_threshold=args.bg_threshold,
                              use_pamr=args.pamr, **kw)

@@ -250,7 +250,8 @@ BACKBONES = {  # OpenAI's B/32 at full depth (and 3 blocks); L/14 and L/14@336 a
     ("B-32", "gelu", "ViT-B-32-laion2b_s34b_b79k.pt"),         # LAION B/32: exact GELU, open_clip checkpoint
     ("B-32-3", "quickgelu", "ViT-B-32-quickgelu-metaclip_400m.pt"),  # MetaCLIP: QuickGELU, from the file name
     ("L-14", "gelu", "datacomp_xl_s13b_b90k/open_clip_model.safetensors"),  # DataComp L/14 as on the hub
-    ("L-14-336", "quickgelu", None),                            # OpenAI's L/14@336 shape, state dict in memory
+    ("L-14-336", "quickgelu",  # OpenAI's L/14@336 as the hub's timm repo ships it: QuickGELU from the cache folder
+     "models--timm--vit_large_patch14_clip_336.openai/snapshots/0a1b/open_clip_pytorch_model.bin"),
     ("H-14", "gelu", "laion2b_s32b_b79k/open_clip_pytorch_model.bin"),  # 16 heads of 80: not inferable from shapes
 ])
 def test_parity_with_open_clip_other_backbones(tmp_path, name, act, file):
@@ -263,20 +264,17 @@ def test_parity_with_open_clip_other_backbones(tmp_path, name, act, file):
     sd = random_state_dict(cfg, seed=3)
     ref = open_clip_model(cfg, quick_gelu=act == "quickgelu")
     ref.load_state_dict(sd, strict=True)  # same key names: open_clip keeps OpenAI's
-    if file is None:
-        ours = clip_model.build_model(sd, quick_gelu=True)
+    path = tmp_path / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if file.endswith(".safetensors"):
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    elif file.endswith(".bin"):
+        torch.save(ref.state_dict(), path)
     else:
-        path = tmp_path / file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if file.endswith(".safetensors"):
-            save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-        elif file.endswith(".bin"):
-            torch.save(ref.state_dict(), path)
-        else:
-            torch.save({"epoch": 32, "name": name, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}},
-                       path)
-        ours = clip_model.load(str(path))
-        assert ours.activation.startswith("QuickGELU" if act == "quickgelu" else "GELU")
+        torch.save({"epoch": 32, "name": name, "state_dict": {"module." + k: v for k, v in ref.state_dict().items()}},
+                   path)
+    ours = clip_model.load(str(path))
+    assert ours.activation.startswith("QuickGELU" if act == "quickgelu" else "GELU")
     assert ours.cfg == dataclasses.replace(cfg, quick_gelu=act == "quickgelu")
     torch.manual_seed(0)
     images = torch.randn(2, 3, cfg.image_resolution, cfg.image_resolution)
@@ -311,10 +309,21 @@ def test_openai_model_names_and_activation_rules(tmp_path):
     assert clip_model.activation_for(hub, quick_gelu=False) == (False, "as asked")
     laion = saved("models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0a1b/open_clip_pytorch_model.bin")
     assert clip_model.activation_for(laion)[0] is False
-    for cfg, quick in [({"model_cfg": {"embed_dim": 512, "quick_gelu": True}}, True), ({"model_cfg": {}}, False)]:
+    for cfg, quick in [({"model_cfg": {"embed_dim": 512, "quick_gelu": True}}, True),
+                       ({"model_cfg": {"embed_dim": 512, "quick_gelu": False}}, False)]:
         (tmp_path / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0a1b/open_clip_config.json").write_text(
             json.dumps(cfg))
         assert clip_model.activation_for(laion) == (quick, "open_clip_config.json beside it")
+    # a config without the key (older snapshots of QuickGELU repos) is no answer: the names decide
+    (tmp_path / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0a1b/open_clip_config.json").write_text(
+        json.dumps({"model_cfg": {"embed_dim": 512}}))
+    assert clip_model.activation_for(laion) == (
+        False, "open_clip_config.json beside it names no quick_gelu: open_clip's default, GELU")
+    (tmp_path / "models--timm--vit_base_patch32_clip_224.metaclip_400m/snapshots/0a1b/open_clip_config.json"
+     ).write_text(json.dumps({"model_cfg": {"embed_dim": 512}}))
+    assert clip_model.activation_for(hub) == (True, "'metaclip' in its name")
+    assert clip_model.activation_for(saved("elsewhere/weights.pt"), names=["https://host/x-quickgelu/w.pt"]) == (
+        True, "'quickgelu' in its name")
     scripted = tmp_path / "any-name.pt"
     torch.jit.trace(_Holder({"x": torch.zeros(1)}), torch.zeros(1)).save(str(scripted))
     assert clip_model.activation_for(str(scripted)) == (True, "OpenAI's TorchScript release")
@@ -522,6 +531,25 @@ def test_download_checks_sha256_and_caches(tmp_path):
     with pytest.raises(RuntimeError, match="does not match its SHA-256"):
         clip_model.download((bad / "other.pt").as_uri(), root=str(cache))
     assert not (cache / "other.pt").exists() and not (cache / "other.pt.part").exists()
+
+
+def test_download_of_a_url_without_sha256(tmp_path, capsys):
+    """Another site's URL (no SHA-256 in it) downloads unverified, saying so, and two repos' files of the same
+    name (the hub's open_clip_pytorch_model.bin) are cached apart; the URL is a name for the activation."""
+    from conftest import TINY, random_state_dict
+    cache, sources = tmp_path / "cache", []
+    for seed, repo in enumerate(("laion--ViT-B-32/resolve/main", "timm--vit_b32.metaclip_400m/resolve/main")):
+        src = tmp_path / "hub" / repo
+        src.mkdir(parents=True)
+        torch.save(random_state_dict(TINY, seed=seed), src / "open_clip_pytorch_model.bin")
+        sources.append((src / "open_clip_pytorch_model.bin").as_uri())
+    paths = [clip_model.download(url, root=str(cache)) for url in sources]
+    assert paths[0] != paths[1] and "not verified" in capsys.readouterr().err
+    assert [torch.load(p)["positional_embedding"].sum().item() for p in paths] == [
+        random_state_dict(TINY, seed=s)["positional_embedding"].sum().item() for s in (0, 1)]
+    assert clip_model.download(sources[1], root=str(cache)) == paths[1]  # cached
+    assert clip_model.load(sources[0], root=str(cache)).activation.startswith("GELU (a state dict with no QuickGELU")
+    assert clip_model.load(sources[1], root=str(cache)).activation == "QuickGELU ('metaclip' in its name)"
 
 
 # ---------------------------------------------------------------------------------------------- command line

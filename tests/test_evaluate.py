@@ -616,6 +616,9 @@ def test_bad_input_fails_before_clip_is_loaded(tmp_path, monkeypatch):
              (["--dataset", "voc", "--data-root", root, "--window", "0"], "--window"),
              (["--dataset", "voc", "--data-root", root, "--limit", "-1"], "--limit"),
              (["--dataset", "voc", "--data-root", root, "--clip-weight", "1.5"], "--clip-weight"),
+             # a named CLIP's patch size is known before its download: L/14's 14 does not divide 100
+             (["--dataset", "voc", "--data-root", root, "--clip", "ViT-L/14", "--window", "100"],
+              "--window 100 is not a multiple of the CLIP's patch size 14; use 98 or 112"),
              # beside other methods, tagalign without a checkpoint would be CLIP Surgery passing for TagAlign
              (["--dataset", "voc", "--data-root", root, "--methods", "tagalign,surgery"], "needs --checkpoint"),
              (["--dataset", "voc", "--data-root", root, "--methods", "all"], "--methods baselines"),
@@ -730,6 +733,17 @@ def compared(tmp_path_factory, tiny_state_dict):
                               methods=["tagalign", "surgery", "naclip"], datasets=["voc", "folder"])
 
 
+def test_flags_that_a_checkpoint_settles_and_datasets_named_twice(compared):
+    """--surgery-layers against a checkpoint trained with others is an error (it would be ignored); a
+    dataset named twice is evaluated once."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(compared.base + ["--surgery-layers", "3", "--no-progress"])
+    assert str(e.value.code) == (f"error: --surgery-layers 3, but {compared.root / 'ckpt.pt'} was trained with 2: "
+                                 "drop the flag (the checkpoint's is used)")
+    assert evaluate.requested_datasets(argparse.Namespace(datasets="voc, voc,folder", dataset=None)) == ["voc",
+                                                                                                          "folder"]
+
+
 def test_methods_scored_together_equal_separate_runs(compared):
     """Each method's numbers from the three-method run equal those of a run of that method alone (--method)."""
     together = {(r["method"], r["dataset"]): r for r in compared.results}
@@ -792,8 +806,8 @@ def test_settings_are_printed_and_the_command_reproduces_the_table(compared):
     assert "| folder | 2 | none | 32 | 64 | 64 | v3 |" in printed  # no background; stride half the window
     assert "- rule v3, clip weight a = 0.5; templates single (1; RefCOCO: the expression itself); PAMR off" in printed
     assert (f"- CLIP {root / 'clip.pt'} (ViT with patch 16, 64 px, 8 blocks of width 128 (2 heads), embedding 64, "
-            f"QuickGELU (recorded in the TagAlign checkpoint)); checkpoint {root / 'ckpt.pt'}; tagalign's surgery layers 2"
-            ) in printed
+            f"QuickGELU (recorded in the TagAlign checkpoint)); checkpoint {root / 'ckpt.pt'}; surgery layers 2 (the last "
+            "of 8 blocks; tagalign and the surgery baseline)") in printed
     assert "- images: all; processes 1; code " in printed and "LIMITED" not in printed
     assert s["datasets"]["voc"] == {"images": 3, "benchmark_images": 1449, "rule": "v3", "bg_threshold": 0.45, "stride": 16, "clip_weight": 0.5,
                                     "window": 64, "short_side": 64, "use_pamr": False}

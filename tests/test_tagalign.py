@@ -435,6 +435,12 @@ def test_baselines_match_transcription(tiny_clip, tiny_state_dict):
     assert torch.allclose(tagalign.baseline_features(tiny_clip, image, "plain"), plain, atol=1e-6)
     model = make_model(tiny_clip)  # the untrained TagAlign is exactly the CLIP Surgery baseline
     assert torch.allclose(model.dense_features(image)[0], tagalign.baseline_features(tiny_clip, image, "surgery"), atol=1e-6)
+    # beside a model with other surgery layers, the surgery baseline takes that model's (its starting point)
+    shallow = tagalign.TagAlign(tiny_clip, tagalign.TagAlignConfig(surgery_layers=2)).eval()
+    with torch.no_grad():
+        baseline = tagalign.feature_fn(shallow, "surgery")(image)[0]
+        assert torch.allclose(baseline, shallow.dense_features(image)[0], atol=1e-6)
+        assert not torch.allclose(baseline, tagalign.baseline_features(tiny_clip, image, "surgery"), atol=1e-3)
     with pytest.raises(ValueError, match="unknown method"):
         tagalign.baseline_features(tiny_clip, image, "gradcam")
 
