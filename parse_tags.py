@@ -24,7 +24,9 @@ Files in --out: parsed.{i}-of-{n}.jsonl (append-only, one record per sample key:
 "attributes"} or {"key", "h", "error", "raw"}), errors.{i}-of-{n}.jsonl (bad input shards), parsed.jsonl (merged),
 vocab.json (tags with counts and frequencies f_k = samples with tag k / samples), labels.pt (per-sample indices,
 CSR layout: a few bytes per tag, loads in seconds for 12 M samples). `import` writes the same vocab.json and
-labels.pt (objects only, in the released list's order) and errors.import.jsonl (unreadable shards).
+labels.pt (objects only, in the released list's order) and errors.import.jsonl (unreadable shards, .json members
+and parquet files). Its CSV reading and the index's numbering are checked against each other (--tags-header,
+--tag-column, --index-base settle what the files leave open).
 """
 import argparse
 import ctypes
@@ -1329,6 +1331,8 @@ class LabelTable:
 # of numbers marks it too); --tags-header yes/no decides when a real list starts with one of these words.
 TAG_HEADER_WORDS = {"name", "names", "tag", "tags", "tag_name", "object", "objects", "object_name", "label", "labels",
                     "class", "classes", "class_name", "category", "categories", "text", "word", "words", "noun"}
+# Header words of an id column (with no header, any increasing integer column from 0 or 1 is read as ids).
+ID_HEADER_WORDS = {"id", "ids", "index", "idx", "tag_id", "tag_index", "object_id", "label_id", "class_id", "#", "no"}
 INDEX_CHUNK = 1 << 20       # bytes of the URL index read at a time
 MAX_INDEX_ENTRY = 1 << 20   # an index entry ("url": [tag indices]) this long is not an entry: malformed input
 IMPORT_BATCH = 1 << 16      # index entries hashed and looked up together (numpy, not per-entry Python)
@@ -1360,10 +1364,15 @@ def read_tag_names(path, column=None, header="auto"):
     header) is the tag index: the authors' code sets label[indices] = 1 in a K-vector whose rows follow this
     list, so the index's tag indices are 0-based row numbers. Tolerant of the shape: comma, tab or semicolon
     separated, a header row or none (header='auto' decides; 'yes'/'no' say), one column or several; the names
-    are the one column that is not all integers (or `column`: a header name or a 0-based number). An integer
-    column that numbers the rows in another order is refused rather than silently ignored."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        text = f.read()
+    are the one column that is not all integers (or `column`: a header name or a 0-based number). What would put
+    a name at the wrong index is refused rather than guessed: an integer column that numbers the rows in another
+    order or skips a number, a row with more cells than the others (an unquoted comma in a name), a blank name."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start:,}); convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path} > tags.utf8.csv") from None
     try:
         delimiter = csv.Sniffer().sniff(text[:65536], delimiters=",\t;").delimiter
     except csv.Error:  # one column: nothing to sniff
@@ -1377,6 +1386,15 @@ def read_tag_names(path, column=None, header="auto"):
     if len(rows) == 1 and width > 2:
         raise ValueError(f"{path}: one row of {width:,} columns {_preview(rows[0])}; expected one tag per row (the "
                          "row is the tag index): write the names one per line")
+    # cells up to the last non-empty one: a row with more than most rows have is a name cut in two by an unquoted
+    # comma (then --tag-column would quietly keep half of it) or a stray cell
+    used = [max((i + 1 for i, cell in enumerate(r) if cell.strip()), default=0) for r in rows]
+    usual = Counter(used).most_common(1)[0][0]
+    longer = [i for i, n in enumerate(used) if n > usual]
+    if longer:
+        raise ValueError(f"{path}: {len(longer):,} row(s) have more cells than the {usual} of most rows, e.g. line "
+                         f"{longer[0] + 1} {_preview(rows[longer[0]])}: a name holding an unquoted {delimiter!r}? "
+                         "quote such names (\"salt, pepper\") or remove the stray cells")
     rows = [r + [""] * (width - len(r)) for r in rows]
     below = rows[1:] or rows
 
@@ -1405,21 +1423,32 @@ def read_tag_names(path, column=None, header="auto"):
             raise ValueError(f"{path}: no column {column!r} ({shape}); give --tag-column a header name or a "
                              "0-based column number")
     else:
-        text_cols = [c for c in range(width) if not all_ints(c, data)]
-        if len(text_cols) > 1 and names_row:  # several text columns: one whose header names it
-            text_cols = [c for c in text_cols if names_row[c].strip().lower() in TAG_HEADER_WORDS] or text_cols
+        text_cols = [c for c in range(width) if not all_ints(c, data) and any(r[c].strip() for r in data)]
+        named = [c for c in text_cols if names_row and names_row[c].strip().lower() in TAG_HEADER_WORDS]
+        if len(text_cols) > 1 and len(named) == 1:  # several text columns: the one whose header names it
+            text_cols = named
         if len(text_cols) != 1:
-            what = "no column of names (every column is integers)" if not text_cols else \
-                f"several text columns {_preview(text_cols)}, none of them named like a tag column"
+            what = ("no column of names (every column is integers)" if not text_cols else
+                    f"several text columns {_preview(text_cols)}, " +
+                    (f"{len(named)} of them named like a tag column ({', '.join(names_row[c] for c in named)})"
+                     if named else "none of them named like a tag column"))
             raise ValueError(f"{path}: {what} ({shape}); say which with --tag-column NAME|NUMBER")
         col = text_cols[0]
     K = len(data)
     for c in range(width):
         if c != col and all_ints(c, data):
             numbers = [int(r[c]) for r in data]
-            if sorted(numbers) in (list(range(K)), list(range(1, K + 1))) and numbers != sorted(numbers):
-                raise ValueError(f"{path}: column {c} numbers the tags in another order than the rows; the row "
-                                 "order is the tag index here, so sort the file by that column first")
+            if sorted(numbers) in (list(range(K)), list(range(1, K + 1))):
+                if numbers != sorted(numbers):
+                    raise ValueError(f"{path}: column {c} numbers the tags in another order than the rows; the row "
+                                     "order is the tag index here, so sort the file by that column first")
+            elif (numbers[0] in (0, 1) and all(a < b for a, b in zip(numbers, numbers[1:]))  # ids with a gap
+                  and (not names_row or names_row[c].strip().lower() in ID_HEADER_WORDS)):
+                i = next(i for i in range(1, K) if numbers[i] != numbers[0] + i)
+                raise ValueError(f"{path}: column {c} looks like tag ids but skips from {numbers[i - 1]} to "
+                                 f"{numbers[i]} (line {i + 1 + has_header}); the row position is the tag index "
+                                 f"here, so every later tag would be read one or more places off: put a "
+                                 "placeholder row (e.g. unused_N) where each id is missing")
     names = [r[col].strip() for r in data]
     for i, name in enumerate(names):
         if not name:
@@ -1509,12 +1538,35 @@ def read_parquet_metadata(parquet):
     return table["key"], table["url"], table.get("status")
 
 
+UNREADABLE = "unreadable .json"  # shard_metadata's status of a sample whose .json member cannot be parsed
+
+
+def parquet_disagrees(path, keys, urls):
+    """Why img2dataset's parquet (keys, urls) does not describe the tar at path (its first .json member's key and
+    URL; a re-keyed or re-sharded download can leave old parquet files beside new tars), or None."""
+    try:
+        with tarfile.open(path) as tar:
+            first = next((m for m in tar if m.isfile() and m.name.lower().endswith(".json")), None)
+            meta = json.loads(tar.extractfile(first).read()) if first else None
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        return None  # nothing to compare with: the parquet is all there is (the tar's damage is train.py's to find)
+    if not isinstance(meta, dict) or not meta.get("url"):
+        return None
+    key = first.name.rpartition(".")[0]
+    if key not in keys:
+        return f"it does not list the tar's first sample {key}"
+    listed = urls[keys.index(key)]
+    return None if listed == meta["url"] else f"sample {key}: {meta['url'][:80]!r} in the tar, {listed!r:.80} in it"
+
+
 def shard_metadata(path, warn=lambda file, message: print(f"{file}: {message}", file=sys.stderr)):
     """Yield (key, url or None, status or None) for each sample of an img2dataset shard, without reading images:
-    from `{shard}.parquet` beside `{shard}.tar` when pyarrow is installed (one columnar read), else from the tar's
-    `{key}.json` members (other members are skipped by a seek). A parquet file that cannot be read is reported
-    through warn(file, message) and the tar is read instead. Also yields (key, False, None) once for a key that has
-    members but no .json (no URL to match). Raises on a corrupt shard after yielding what it could read."""
+    from `{shard}.parquet` beside `{shard}.tar` when pyarrow is installed (one columnar read) and it describes
+    that tar (its first sample checked), else from the tar's `{key}.json` members (other members are skipped by a
+    seek). A parquet file that cannot be read or describes another tar is reported through warn(file, message)
+    and the tar is read instead. Also yields (key, False, None) once for a key that has members but no .json (no
+    URL to match) and (key, None, UNREADABLE) for a .json member that is not JSON (the rest of the shard is still
+    read; one warning per shard). Raises on a corrupt shard after yielding what it could read."""
     parquet = path[:-4] + ".parquet"
     if path.endswith(".tar") and os.path.isfile(parquet) and importlib.util.find_spec("pyarrow"):
         try:
@@ -1523,23 +1575,37 @@ def shard_metadata(path, warn=lambda file, message: print(f"{file}: {message}", 
             warn(parquet, f"unreadable ({type(e).__name__}: {str(e)[:200]}); the URLs were read from the .json "
                  f"members of {os.path.basename(path)} instead")
         else:
-            yield from zip(keys, urls, statuses or [None] * len(keys))
-            return
-    with tarfile.open(path) as tar:  # random access: members that are not read are seeked over
-        others, metadata = set(), set()
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition(".")  # train.py's key: the member name without its extension
-            if ext.lower() != "json":
-                others.add(key)
-                continue
-            meta = json.loads(tar.extractfile(member).read())
-            metadata.add(key)
-            yield key, meta.get("url") if isinstance(meta, dict) else None, \
-                meta.get("status") if isinstance(meta, dict) else None
-        for key in sorted(others - metadata):
-            yield key, False, None
+            stale = parquet_disagrees(path, keys, urls)
+            if stale is None:
+                yield from zip(keys, urls, statuses or [None] * len(keys))
+                return
+            warn(parquet, f"does not describe {os.path.basename(path)} ({stale}); the URLs were read from the tar's "
+                 ".json members instead")
+    bad = []
+    try:
+        with tarfile.open(path) as tar:  # random access: members that are not read are seeked over
+            others, metadata = set(), set()
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rpartition(".")  # train.py's key: the member name without its extension
+                if ext.lower() != "json":
+                    others.add(key)
+                    continue
+                metadata.add(key)
+                try:
+                    meta = json.loads(tar.extractfile(member).read())
+                except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: this sample has no URL, go on
+                    bad.append(f"{member.name}: {type(e).__name__}: {str(e)[:100]}")
+                    yield key, None, UNREADABLE
+                    continue
+                yield key, meta.get("url") if isinstance(meta, dict) else None, \
+                    meta.get("status") if isinstance(meta, dict) else None
+            for key in sorted(others - metadata):
+                yield key, False, None
+    finally:
+        if bad:
+            warn(path, f"{len(bad):,} unreadable .json member(s), e.g. {bad[0]}; those samples have no URL (no tags)")
 
 
 def _shard_urls(path):
@@ -1552,6 +1618,10 @@ def _shard_urls(path):
         for key, url, status in shard_metadata(path, lambda *w: warnings.append(w)):
             if url is False:
                 counts["without_metadata"] += 1
+            elif status == UNREADABLE:  # a sample (train.py reads it) whose URL is lost: no tags, counted
+                keys.append(str(key))
+                with_url.append(False)
+                counts["unreadable_metadata"] += 1
             elif status is not None and status != "success":
                 counts["not_success"] += 1
             else:
@@ -1563,7 +1633,7 @@ def _shard_urls(path):
                     counts["without_url"] += 1
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         error = f"{type(e).__name__}: {e}; the {len(keys):,} samples read before it are kept"
-    counts["unreadable_parquet"] += len(warnings)
+    counts["parquet_not_used"] += sum(file.endswith(".parquet") for file, _ in warnings)
     return path, keys, bytes(hashes), bytes(with_url), counts, error, warnings
 
 
@@ -1575,14 +1645,17 @@ def read_shard_urls(files, report_bad, workers=1):
     core). A shard that fails to read, or its parquet file, is reported through report_bad(file, error)."""
     int_keys, str_keys, width = array("q"), None, None
     hashes, rows = bytearray(), []
-    counts = Counter(not_success=0, without_url=0, without_metadata=0, bad_shards=0, unreadable_parquet=0)
+    counts = Counter(not_success=0, without_url=0, without_metadata=0, unreadable_metadata=0, bad_shards=0,
+                     parquet_not_used=0)
     pool = None
     if workers > 1 and len(files) > 1:
         import multiprocessing
         pool = multiprocessing.get_context().Pool(min(workers, len(files)))
+    from tqdm import tqdm
     try:
         for path, keys, shard_hashes, with_url, shard_counts, error, warnings in \
-                (pool.imap(_shard_urls, files) if pool else map(_shard_urls, files)):
+                tqdm(pool.imap(_shard_urls, files) if pool else map(_shard_urls, files), total=len(files),
+                     desc="shard metadata", unit="shard", disable=None):  # (no bar when stderr is not a terminal)
             for parquet, message in warnings:
                 report_bad(parquet, message)
             if error:
@@ -1638,7 +1711,7 @@ def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits
 
 
 def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_column=None, tags_header="auto",
-                workers=1, log=lambda message: print(message, file=sys.stderr)):
+                workers=1, log=lambda message: print(message, file=sys.stderr), index_base=0):
     """The authors' released object tags -> vocab.json + labels.pt for train.py, no parsing: each shard sample's
     URL (from its metadata) is looked up in the index, and the URL's tag indices become the sample's object
     labels. The vocabulary is the CSV's K tags in the CSV's order (label index i is the authors' tag i), each kept
@@ -1653,16 +1726,16 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     The header guess is checked against the index, since a wrong one shifts every tag by one: a guessed header
     (no --tags-header) with index entries using K (one past the list), or with no header found and the last row
     used by no entry, is refused with the flags that settle it; an index that uses K and never 0 (1-based) is
-    refused whatever the flags; with an explicit --tags-header, entries using K are dropped and warned about.
-    log(message) gets the CSV reading before the long part starts.
+    refused unless index_base=1 (--index-base 1) says so; with an explicit --tags-header, entries using K are
+    dropped and warned about. log(message) gets the CSV reading before the long part starts.
     Returns the report (counts)."""
     names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
     K = len(names)
     header = csv_info["header"]
-    log(f"{tags_path}: {K:,} tags from column {csv_info['column']}; "
-        f"{f'header row {_preview(header)} skipped' if header else 'no header row (the first row is tag 0)'}"
+    skipped = f"header row {_preview(header)} skipped" if header else f"no header row (the first row is tag {index_base})"
+    log(f"{tags_path}: {K:,} tags from column {csv_info['column']}; {skipped}"
         f" ({'decided by --tags-header' if tags_header != 'auto' else 'guessed; --tags-header yes|no overrides'});"
-        f" tags 0.. {_preview(names, 3)}, last tag ({K - 1}) {names[-1]!r}")
+        f" tags {index_base}.. {_preview(names, 3)}, last tag ({K - 1 + index_base}) {names[-1]!r}")
     os.makedirs(out_dir, exist_ok=True)
     keys, width, hashes, rows, counts = read_shard_urls(shard_files, report_bad, workers)
     if not len(keys):
@@ -1711,7 +1784,7 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
         batch[0].extend(url_hash(url))
         batch[1].append(len(tags))
         try:
-            batch[2].extend(tags)
+            batch[2].extend([t - index_base for t in tags] if index_base else tags)  # 0-based row numbers
         except OverflowError:
             huge = next(t for t in tags if not -2 ** 63 <= t < 2 ** 63)
             raise ValueError(f"{index_path}: {url[:120]!r} has the tag index {huge}, which is no row of any tag list "
@@ -1721,17 +1794,24 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
             batch = (bytearray(), array("q"), array("q"))
     join(batch)
     found, bad_entries, at_k = kinds["found"], kinds["bad"], kinds["at_k"]
-    mismatch = (f"{bad_entries:,} of {entries:,} index entries have tag indices outside 0..{K - 1} (seen {lo}..{hi}) "
+    if lo is not None:  # the index's own numbers, for the messages and the report
+        lo, hi = lo + index_base, hi + index_base
+    first, past_end = index_base, K + index_base  # the index numbers of the first tag and of one past the last
+    mismatch = (f"{bad_entries:,} of {entries:,} index entries have tag indices outside {first}..{past_end - 1} "
+                f"(seen {lo}..{hi}) "
                 f"but {tags_path} has {K} tags: the tag list does not belong to this index (or was read with a wrong "
-                "header/column: see --tags-header, --tag-column)")
+                "header/column: see --tags-header, --tag-column" +
+                (f"; the index uses {lo}: does it count from {lo}, not --index-base {index_base}?)"
+                 if lo is not None and lo < first else ")"))
     if kinds["far"] > MAX_OUT_OF_RANGE * entries:  # far outside, not one past: another list
         raise ValueError(mismatch)
     if at_k:  # the classic off-by-one: every tag would be shifted by one, which trains without a complaint
-        past = (f"{at_k:,} index entries use tag index {K}, one past the last of the {K:,} tags read from "
+        past = (f"{at_k:,} index entries use tag index {past_end}, one past the last of the {K:,} tags read from "
                 f"{tags_path} (index range {lo}..{hi})")
-        if lo is not None and lo >= 1:  # never 0 and up to K: counted from 1 (or the list lost its first row)
-            raise ValueError(f"{index_path}: {past} and none uses 0: the index counts tags from 1, or the list lacks "
-                             "its first row; this import takes the authors' 0-based row numbers")
+        if lo is not None and lo > first:  # never the first tag and up to one past the last: counted from 1 more
+            raise ValueError(f"{index_path}: {past} and none uses {first}: the index counts tags from {first + 1}, "
+                             "or the list lacks its first row" + ("; if the index counts from 1, pass --index-base 1"
+                                                                  if index_base == 0 else ""))
         if tags_header == "auto":
             raise ValueError(f"{index_path}: {past}: " + (
                 f"the first row {_preview(header)} was read as a header; pass --tags-header no if it is a tag, "
@@ -1744,8 +1824,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     if bad_entries > MAX_OUT_OF_RANGE * entries:
         raise ValueError(mismatch)
     if entries and not header and tags_header == "auto" and tag_uses[-1] == 0 and tag_uses[0] > 0:
-        raise ValueError(f"{index_path}: no entry uses the last tag ({K - 1}: {names[-1]!r}) while the first row "
-                         f"{names[0]!r} was read as tag 0: if that row is a header, every tag is shifted by one; "
+        raise ValueError(f"{index_path}: no entry uses the last tag ({past_end - 1}: {names[-1]!r}) while the first "
+                         f"row {names[0]!r} was read as tag {first}: if that row is a header, every tag is shifted by one; "
                          "pass --tags-header yes if it is a header, --tags-header no if it is a tag")
     if found == 0:
         key = str(keys[0]).zfill(width)
@@ -1780,7 +1860,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
             "keys_without_metadata": counts["without_metadata"], "tags_without_samples": tag_counts.count(0),
             "tags_not_in_index": int((tag_uses == 0).sum()), "index_entries_at_K": at_k,
             "found_urls_listed_twice": int((url_hits > 1).sum()),
-            "unreadable_parquet": counts["unreadable_parquet"]}
+            "samples_with_unreadable_metadata": counts["unreadable_metadata"],
+            "parquet_files_not_used": counts["parquet_not_used"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1823,12 +1904,14 @@ def import_summary(r, out, errors):
              f"  tags: {r['tags_without_samples']:,} on no shard sample, {r['tags_not_in_index']:,} in no index entry, "
              f"{r['duplicate_tag_names']:,} duplicate names; index tag range {r['index_range']}, "
              f"{r['index_entries_out_of_range']:,} entries with indices outside the list (those indices dropped)",
-             f"  samples: {r['samples_without_url']:,} without a url, {r['keys_without_metadata']:,} keys without "
-             f".json, {r['not_success_skipped']:,} failed downloads skipped, {r['duplicate_keys']:,} keys read twice "
+             f"  samples: {r['samples_without_url']:,} without a url, {r['samples_with_unreadable_metadata']:,} "
+             f"with an unreadable .json, {r['keys_without_metadata']:,} keys without .json, "
+             f"{r['not_success_skipped']:,} failed downloads skipped, {r['duplicate_keys']:,} keys read twice "
              f"(merged); {r['found_urls_listed_twice']:,} of the URLs found are listed twice in the index (tags merged)"]
-    if r["bad_shards"] or r["unreadable_parquet"]:
+    if r["bad_shards"] or r["parquet_files_not_used"] or r["samples_with_unreadable_metadata"]:
         lines.append(f"  {r['bad_shards']:,} unreadable shards (what was read before the error is kept), "
-                     f"{r['unreadable_parquet']:,} unreadable parquet files (their tars were read): see {errors}")
+                     f"{r['parquet_files_not_used']:,} parquet files unreadable or describing another tar (their "
+                     f"tars were read), unreadable .json members in some shards: see {errors}")
     return "\n".join(lines)
 
 
@@ -1876,6 +1959,9 @@ def main():
     parser.add_argument("--tags-header", choices=["auto", "yes", "no"], default="auto",
                         help="import: whether --tags starts with a header row (auto: a word like 'name' or 'tag', "
                         "or a non-number above a column of numbers)")
+    parser.add_argument("--index-base", type=int, choices=[0, 1], default=0,
+                        help="import: the number the index gives the CSV's first tag (0: the authors' row numbers, as "
+                        "their loader reads them; 1 for an index counting from 1, which the import refuses otherwise)")
     parser.add_argument("--workers", type=int, default=default_threads(),
                         help="import: shards read at a time, in worker processes (default: the cores this process "
                         "may use)")
@@ -1888,7 +1974,8 @@ def main():
                                  "--shards 'cc12m/*.tar'")
             errors = os.path.join(args.out, "errors.import.jsonl")
             report = import_tags(args.tags, args.index, input_files(args.shards), args.out,
-                                 bad_file_reporter(errors), args.tag_column, args.tags_header, args.workers)
+                                 bad_file_reporter(errors), args.tag_column, args.tags_header, args.workers,
+                                 index_base=args.index_base)
             print(json.dumps(report))
             print(import_summary(report, args.out, errors), file=sys.stderr)
             return

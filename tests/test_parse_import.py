@@ -41,7 +41,7 @@ EXPECTED_REPORT = {"tags": 5, "index_urls": 7, "index_urls_found": 6, "samples":
                    "samples_without_url": 1, "tags_without_samples": 1, "index_entries_out_of_range": 0,
                    "duplicate_keys": 0, "bad_shards": 0, "index_range": [0, 4],
                    "tags_not_in_index": 0, "index_entries_at_K": 0, "found_urls_listed_twice": 0,
-                   "unreadable_parquet": 0}
+                   "parquet_files_not_used": 0, "samples_with_unreadable_metadata": 0}
 CSV_SHAPES = {  # the same five tags as the released list might be laid out
     "one column, no header": ("object_list.csv", "\n".join(NAMES) + "\n"),
     "one column, header": ("object_list.csv", "name\n" + "\n".join(NAMES) + "\n"),
@@ -163,6 +163,23 @@ def test_csv_shapes_that_need_a_word_from_the_user(tmp_path):
         read("1,cat\n0,dog\n2,tree\n")
     with pytest.raises(ValueError, match="only a header row"):
         read("name\n")
+    # what would put a name at another index, or cut it, is refused with the fix
+    with pytest.raises(ValueError, match=r"1 row\(s\) have more cells than the 1 of most rows, e.g. line 2 "
+                                         r"\['salt', ' pepper'\]: a name holding an unquoted ','\? quote such names"):
+        read("person\nsalt, pepper\ndog\n", column="0")  # (--tag-column 0 would have kept 'salt')
+    assert read('person\n"salt, pepper"\ndog\n')[0] == ["person", "salt, pepper", "dog"]
+    for text in ("id,name\n0,cat\n1,dog\n3,tree\n", "1\tcat\n2\tdog\n4\ttree\n"):
+        with pytest.raises(ValueError, match=r"column 0 looks like tag ids but skips from \d to \d \(line [34]\).* "
+                                             "put a placeholder row"):
+            read(text)
+    assert read("name,count\ncat,1\ndog,2\ntree,5\n")[0] == ["cat", "dog", "tree"]  # counts are not ids
+    assert read("person,\ndog,\n")[0] == ["person", "dog"]  # an empty trailing column is no second text column
+    with pytest.raises(ValueError, match=r"several text columns \[0, 1\], 2 of them named like a tag column "
+                                         r"\(name, category\)"):
+        read("name,category\ncat,animal\n")
+    (tmp_path / "t.csv").write_bytes("café\ncat\n".encode("latin1"))
+    with pytest.raises(ValueError, match=r"t.csv is not UTF-8 \(byte 0xe9 at offset 3\); convert it"):
+        parse_tags.read_tag_names(str(tmp_path / "t.csv"))
     with pytest.raises(ValueError, match="no column 'tag'"):
         read("name\ncat\n", column="tag")
     # the names written on one line: refused in a short message (not the whole line), as are 5,000 text columns
@@ -207,9 +224,17 @@ def test_a_wrong_header_guess_is_caught_by_the_index(tmp_path):
     # an index counting from 1 (said to have a header, so only the index can be wrong)
     one_based = {url: [i + 1 for i in ids] for url, ids in INDEX.items()}
     (tmp_path / "one.json").write_text(json.dumps(one_based), encoding="utf-8")
-    with pytest.raises(ValueError, match="use tag index 5, one past .* none uses 0: the index counts tags from 1"):
+    with pytest.raises(ValueError, match="use tag index 5, one past .* none uses 0: the index counts tags from 1, "
+                                         ".* pass --index-base 1"):
         parse_tags.import_tags(str(tmp_path / "titled.csv"), str(tmp_path / "one.json"), shards, out, no_bad_shards,
                                tags_header="yes")
+    report = parse_tags.import_tags(str(tmp_path / "titled.csv"), str(tmp_path / "one.json"), shards, out,
+                                    no_bad_shards, tags_header="yes", index_base=1)
+    assert decoded(out)[1] == EXPECTED and report["index_range"] == [1, 5]  # the index's own numbers
+    with pytest.raises(ValueError, match=r"2 of 7 index entries have tag indices outside 1..5 \(seen 0..4\).* the "
+                                         r"index uses 0: does it count from 0, not --index-base 1\?"):  # 0-based
+        parse_tags.import_tags(str(tmp_path / "titled.csv"), index, shards, out, no_bad_shards, tags_header="yes",
+                               index_base=1)
 
 
 def test_two_downloads_sharing_keys_are_refused_and_a_huge_index_number_named(tmp_path):
@@ -269,6 +294,27 @@ def test_bad_shard_is_skipped_and_named_with_worker_processes(tmp_path):
     assert decoded(tmp_path / "out")[1] == EXPECTED
 
 
+def test_an_unreadable_json_member_loses_only_its_sample(tmp_path, monkeypatch):
+    """A .json member that is not JSON costs its own URL, not the rest of the shard; one warning names it. Only
+    .json members are opened (the images are seeked over)."""
+    tags, index, shards = write_fixture(tmp_path)
+    with tarfile.open(shards[0]) as src, tarfile.open(tmp_path / "damaged.tar", "w") as dst:
+        for m in src:
+            data = src.extractfile(m).read()
+            member(dst, m.name, b"{not json" if m.name == "000000001.json" else data)
+    opened = []
+    real_extract = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: opened.append(m.name) or real_extract(self, m))
+    bad = []
+    report = parse_tags.import_tags(tags, index, [str(tmp_path / "damaged.tar"), shards[1]], str(tmp_path / "out"),
+                                    lambda *a: bad.append(a))
+    assert opened and all(name.endswith(".json") for name in opened)
+    assert len(bad) == 1 and bad[0][0] == str(tmp_path / "damaged.tar")
+    assert "1 unreadable .json member(s), e.g. 000000001.json: JSONDecodeError" in bad[0][1]
+    assert report["samples_with_unreadable_metadata"] == 1 and report["bad_shards"] == 0 and report["samples"] == 9
+    assert decoded(tmp_path / "out")[1] == dict(EXPECTED, **{"000000001": []})  # the samples after it: all there
+
+
 def test_keys_that_are_not_img2datasets_and_a_shard_listed_twice(tmp_path):
     """A key that is not fixed-width digits turns every key into a string (as build_vocab does); a key read twice
     is one sample with the union of its tags."""
@@ -285,13 +331,14 @@ def test_keys_that_are_not_img2datasets_and_a_shard_listed_twice(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow (test-only reference) not installed")
 def test_parquet_beside_the_tar_is_read_instead_of_its_members(tmp_path):
     """img2dataset's per-shard parquet lists every URL of the shard, failed downloads too (status): those are not
-    samples. The tars here carry other URLs in their .json members, so the labels show which was read."""
+    samples. The tars here carry other URLs in their .json members after the first sample (which the import
+    compares with the parquet), so the labels show which was read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     tags, index, _ = write_fixture(tmp_path)
     shards = []
     for i, samples in enumerate(SHARDS):
-        write_shard(tmp_path / f"{i:05d}.tar", [(key, "http://wrong.example/") for key, _ in samples])
+        write_shard(tmp_path / f"{i:05d}.tar", samples[:1] + [(key, "http://wrong.example/") for key, _ in samples[1:]])
         rows = [(key, url, "success") for key, url in samples] + [(f"{i:05d}9999", URL["e"], "failed_to_download")]
         pq.write_table(pa.table({"url": [r[1] for r in rows], "key": [r[0] for r in rows],
                                  "status": [r[2] for r in rows], "caption": ["c"] * len(rows)}),
@@ -305,8 +352,15 @@ def test_parquet_beside_the_tar_is_read_instead_of_its_members(tmp_path):
     bad = []
     report = parse_tags.import_tags(tags, index, shards, str(tmp_path / "out"), lambda *a: bad.append(a))
     assert [path for path, _ in bad] == [str(tmp_path / "00001.parquet")] and "00001.tar instead" in bad[0][1]
-    assert report["unreadable_parquet"] == 1 and report["bad_shards"] == 0 and report["samples"] == 9
-    assert report["index_urls_found"] == 3  # a, b, g of shard 0 (its parquet); shard 1 from its tar: wrong URLs
+    assert report["parquet_files_not_used"] == 1 and report["bad_shards"] == 0 and report["samples"] == 9
+    assert report["index_urls_found"] == 4  # a, b, g of shard 0 (its parquet); of shard 1's tar only c (first)
+    # a parquet file of another shard (an old download's, say): named, and the tar is read instead
+    (tmp_path / "00001.parquet").write_bytes((tmp_path / "00000.parquet").read_bytes())
+    bad.clear()
+    report = parse_tags.import_tags(tags, index, shards, str(tmp_path / "out"), lambda *a: bad.append(a))
+    assert [path for path, _ in bad] == [str(tmp_path / "00001.parquet")]
+    assert "does not describe 00001.tar (it does not list the tar's first sample 000010000)" in bad[0][1]
+    assert report["parquet_files_not_used"] == 1 and report["index_urls_found"] == 4
 
 
 def test_command_line_and_train_on_the_imported_tags(tmp_path, monkeypatch, capsys):
