@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zipfile
@@ -580,12 +581,24 @@ def download(name="ViT-B/16", root=None):
     if not url.startswith(("http://", "https://", "file://")):
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}, or pass a URL or a local path")
     root = root or os.path.expanduser("~/.cache/clip")
-    digest = url.split("/")[-2] if url.count("/") > 1 else ""
-    if re.fullmatch(r"[0-9a-f]{64}", digest):
-        return download_file(url, os.path.join(root, os.path.basename(url)), sha256=digest)
-    folder = "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
-    print(f"{url}: no SHA-256 in the URL, so the download is not verified", file=sys.stderr)
-    return download_file(url, os.path.join(root, folder, os.path.basename(url)))
+    parts = urllib.parse.urlsplit(url).path.split("/")  # not the query: '...safetensors?download=true'
+    if len(parts) > 1 and re.fullmatch(r"[0-9a-f]{64}", parts[-2]):
+        return download_file(url, os.path.join(root, parts[-1]), sha256=parts[-2])
+    target = os.path.join(root, "url-" + hashlib.sha256(url.encode()).hexdigest()[:16], parts[-1] or "model.pt")
+    if not os.path.isfile(target):
+        print(f"{url}: no SHA-256 in the URL, so the download is not verified", file=sys.stderr)
+    return download_file(url, target)
+
+
+def url_names(url):
+    """The parts of a URL that name the model (for the activation hints): its file name and, for a Hugging Face
+    URL (.../org/repo/resolve/rev/file), org/repo. Not its other folders: those are the user's or the host's."""
+    parts = urllib.parse.urlsplit(url).path.split("/")
+    names = [parts[-1]]
+    if "resolve" in parts and parts.index("resolve") >= 2:
+        i = parts.index("resolve")
+        names.append("/".join(parts[i - 2:i]))
+    return names
 
 
 def load(name_or_path="ViT-B/16", device="cpu", root=None, quick_gelu=None):
@@ -596,7 +609,7 @@ def load(name_or_path="ViT-B/16", device="cpu", root=None, quick_gelu=None):
     info = {}
     sd = read_state_dict(path, info)
     # names that describe the model besides the path: an open_clip training run's name, another site's URL
-    names = [info.get("name"), name_or_path if is_remote and name_or_path not in MODELS else None]
+    names = [info.get("name")] + (url_names(name_or_path) if is_remote and name_or_path not in MODELS else [])
     quick_gelu, why = activation_for(path, quick_gelu, [n for n in names if n])
     model = build_model(sd, quick_gelu).to(device)
     model.activation = f"{'QuickGELU' if quick_gelu else 'GELU'} ({why})"

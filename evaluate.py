@@ -621,6 +621,7 @@ def run_settings(args, methods, names, results, model, world):
             "clip_architecture": clip_model.describe(model.clip), "clip_blocks": cfg.vision_layers,
             "checkpoint": args.checkpoint,
             "surgery_layers": surgery_layers if {"tagalign", "surgery"} & set(methods) else None,
+            "surgery_methods": [m for m in methods if m in ("tagalign", "surgery")],
             "limit": args.limit, "processes": world, "code": code_version()}
 
 
@@ -665,8 +666,9 @@ def report(header, rows, s):
     inference += [f"RefCOCO threshold {s['ref_threshold']}"] if s["ref_threshold"] is not None else []
     model = [f"CLIP {s['clip']} ({s['clip_architecture']})", f"checkpoint {s['checkpoint'] or 'none'}"]
     if s["surgery_layers"] is not None:
-        model.append(f"surgery layers {s['surgery_layers']} (the last of {s['clip_blocks']} blocks; tagalign and "
-                     "the surgery baseline)")
+        model.append(f"surgery layers {s['surgery_layers']} (the last of {s['clip_blocks']} blocks; "
+                     + " and ".join("tagalign" if m == "tagalign" else "the surgery baseline"
+                                    for m in s["surgery_methods"]) + ")")
     run = [f"images: the first {s['limit']} per dataset" if s["limit"] else "images: all",
            f"processes {s['processes']}", f"code {s['code']}"]
     lines += [""] + ["- " + "; ".join(part) for part in (inference, model, run)]
@@ -864,7 +866,7 @@ def main(argv=None):
         names = requested_datasets(args)
         methods = requested_methods(args)
         check_inputs(args, names)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
         sys.exit(f"error: {e}")
     try:
         rank, world, device = tagalign.init_distributed()  # GPU LOCAL_RANK set before NCCL starts

@@ -1386,15 +1386,6 @@ def read_tag_names(path, column=None, header="auto"):
     if len(rows) == 1 and width > 2:
         raise ValueError(f"{path}: one row of {width:,} columns {_preview(rows[0])}; expected one tag per row (the "
                          "row is the tag index): write the names one per line")
-    # cells up to the last non-empty one: a row with more than most rows have is a name cut in two by an unquoted
-    # comma (then --tag-column would quietly keep half of it) or a stray cell
-    used = [max((i + 1 for i, cell in enumerate(r) if cell.strip()), default=0) for r in rows]
-    usual = Counter(used).most_common(1)[0][0]
-    longer = [i for i, n in enumerate(used) if n > usual]
-    if longer:
-        raise ValueError(f"{path}: {len(longer):,} row(s) have more cells than the {usual} of most rows, e.g. line "
-                         f"{longer[0] + 1} {_preview(rows[longer[0]])}: a name holding an unquoted {delimiter!r}? "
-                         "quote such names (\"salt, pepper\") or remove the stray cells")
     rows = [r + [""] * (width - len(r)) for r in rows]
     below = rows[1:] or rows
 
@@ -1412,6 +1403,16 @@ def read_tag_names(path, column=None, header="auto"):
     data = rows[1:] if has_header else rows
     if not data:
         raise ValueError(f"{path}: only a header row {_preview(rows[0])}; expected the tag names below it")
+    # cells up to the last non-empty one: a data row with more than most data rows (and than the header names)
+    # is a name cut in two by an unquoted comma (then --tag-column would quietly keep half of it) or a stray cell
+    used = [max((i + 1 for i, cell in enumerate(r) if cell.strip()), default=0) for r in rows]
+    allowed = max(Counter(used[has_header:]).most_common(1)[0][0], used[0] if has_header else 0)
+    longer = [i for i in range(has_header, len(rows)) if used[i] > allowed]
+    if longer:
+        raise ValueError(f"{path}: {len(longer):,} row(s) have more cells than the {allowed} of most rows"
+                         f"{' and the header' if has_header else ''}, e.g. line {longer[0] + 1} "
+                         f"{_preview(rows[longer[0]])}: a name holding an unquoted {delimiter!r}? quote such names "
+                         "(\"salt, pepper\"), remove the stray cells, or give the extra column a header")
     shape = f"{len(rows):,} rows of {width} column(s), first row {_preview(rows[0])}"
     header_names = [cell.strip().lower() for cell in names_row] if names_row else []
     if column is not None:
@@ -1443,12 +1444,13 @@ def read_tag_names(path, column=None, header="auto"):
                     raise ValueError(f"{path}: column {c} numbers the tags in another order than the rows; the row "
                                      "order is the tag index here, so sort the file by that column first")
             elif (numbers[0] in (0, 1) and all(a < b for a, b in zip(numbers, numbers[1:]))  # ids with a gap
-                  and (not names_row or names_row[c].strip().lower() in ID_HEADER_WORDS)):
+                  and numbers[-1] < 2 * K and (not names_row or names_row[c].strip().lower() in ID_HEADER_WORDS)):
                 i = next(i for i in range(1, K) if numbers[i] != numbers[0] + i)
                 raise ValueError(f"{path}: column {c} looks like tag ids but skips from {numbers[i - 1]} to "
                                  f"{numbers[i]} (line {i + 1 + has_header}); the row position is the tag index "
                                  f"here, so every later tag would be read one or more places off: put a "
-                                 "placeholder row (e.g. unused_N) where each id is missing")
+                                 "placeholder row (e.g. unused_N) where each id is missing (if the column is no "
+                                 "ids, a header row naming it, e.g. count, and --tags-header yes say so)")
     names = [r[col].strip() for r in data]
     for i, name in enumerate(names):
         if not name:
@@ -1805,6 +1807,9 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
                  if lo is not None and lo < first else ")"))
     if kinds["far"] > MAX_OUT_OF_RANGE * entries:  # far outside, not one past: another list
         raise ValueError(mismatch)
+    if index_base and lo is not None and lo < first:  # however few: a 0-based index read as 1-based shifts them all
+        raise ValueError(f"{index_path}: an entry uses tag index {lo}, below {first} (--index-base {index_base}): the "
+                         "index counts from 0; drop --index-base")
     if at_k:  # the classic off-by-one: every tag would be shifted by one, which trains without a complaint
         past = (f"{at_k:,} index entries use tag index {past_end}, one past the last of the {K:,} tags read from "
                 f"{tags_path} (index range {lo}..{hi})")
@@ -1908,10 +1913,12 @@ def import_summary(r, out, errors):
              f"with an unreadable .json, {r['keys_without_metadata']:,} keys without .json, "
              f"{r['not_success_skipped']:,} failed downloads skipped, {r['duplicate_keys']:,} keys read twice "
              f"(merged); {r['found_urls_listed_twice']:,} of the URLs found are listed twice in the index (tags merged)"]
-    if r["bad_shards"] or r["parquet_files_not_used"] or r["samples_with_unreadable_metadata"]:
-        lines.append(f"  {r['bad_shards']:,} unreadable shards (what was read before the error is kept), "
-                     f"{r['parquet_files_not_used']:,} parquet files unreadable or describing another tar (their "
-                     f"tars were read), unreadable .json members in some shards: see {errors}")
+    problems = [f"{count:,} {what}" for count, what in (
+        (r["bad_shards"], "unreadable shards (what was read before the error is kept)"),
+        (r["parquet_files_not_used"], "parquet files unreadable or describing another tar (their tars were read)"),
+        (r["samples_with_unreadable_metadata"], "unreadable .json members (those samples have no tags)")) if count]
+    if problems:
+        lines.append(f"  {', '.join(problems)}: see {errors}")
     return "\n".join(lines)
 
 

@@ -212,7 +212,7 @@ def check_model_files(checkpoint=None, clip=None, window=None, surgery_layers=No
     ckpt = read_checkpoint(checkpoint) if checkpoint and (surgery_layers is not None or window and not clip) \
         else None
     if window:
-        check_window(window, clip_model.known_patch_size(clip or (ckpt["clip"] if ckpt else "ViT-B/16")))
+        check_window(window, clip_model.known_patch_size(clip or (ckpt.get("clip", "") if ckpt else "ViT-B/16")))
     if ckpt and surgery_layers is not None and surgery_layers != ckpt["config"].get("surgery_layers"):
         raise ValueError(f"--surgery-layers {surgery_layers}, but {checkpoint} was trained with "
                          f"{ckpt['config'].get('surgery_layers')}: drop the flag (the checkpoint's is used)")
@@ -377,9 +377,9 @@ def end_distributed(finished=True):
 
 
 def fetch_clip_once(name):
-    """Before every rank loads a CLIP by name: the first process of each node downloads it (into the shared
-    cache) while the others wait, so that 8 ranks of a fresh node do not fetch 335 MB at once."""
-    if name in clip_model.MODELS and distributed():
+    """Before every rank loads a CLIP by name or URL: the first process of each node downloads it (into the
+    shared cache) while the others wait, so that 8 ranks of a fresh node do not fetch 335 MB at once."""
+    if (name in clip_model.MODELS or "://" in name) and distributed():
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             clip_model.download(name)
         dist.barrier()

@@ -550,6 +550,14 @@ def test_download_of_a_url_without_sha256(tmp_path, capsys):
     assert clip_model.download(sources[1], root=str(cache)) == paths[1]  # cached
     assert clip_model.load(sources[0], root=str(cache)).activation.startswith("GELU (a state dict with no QuickGELU")
     assert clip_model.load(sources[1], root=str(cache)).activation == "QuickGELU ('metaclip' in its name)"
+    # of a URL only the file name and a hub repo are names: not the user's folders, not a query
+    assert clip_model.url_names("file:///home/me/openai_runs/laion.bin") == ["laion.bin"]
+    assert clip_model.url_names("https://huggingface.co/timm/vit_b16.openai/resolve/main/open_clip_model.safetensors"
+                                "?download=true") == ["open_clip_model.safetensors", "timm/vit_b16.openai"]
+    hub = tmp_path / "hub" / "laion--ViT-B-32/resolve/main"  # (urllib's file: handler takes '?...' as the name)
+    (hub / "open_clip_pytorch_model.bin?download=true").write_bytes((hub / "open_clip_pytorch_model.bin").read_bytes())
+    path = clip_model.download(sources[0] + "?download=true", root=str(cache))
+    assert path.endswith(os.sep + "open_clip_pytorch_model.bin") and path not in paths
 
 
 # ---------------------------------------------------------------------------------------------- command line

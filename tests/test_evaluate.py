@@ -742,6 +742,12 @@ def test_flags_that_a_checkpoint_settles_and_datasets_named_twice(compared):
                                  "drop the flag (the checkpoint's is used)")
     assert evaluate.requested_datasets(argparse.Namespace(datasets="voc, voc,folder", dataset=None)) == ["voc",
                                                                                                           "folder"]
+    # the checkpoint is read early for these checks: a damaged one is a one-line error too
+    (compared.root / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(compared.root / "bad.pt"), "--datasets", "voc", "--data-root",
+                       str(compared.root), "--window", "64", "--no-progress"])
+    assert str(e.value.code).startswith(f"error: could not read TagAlign checkpoint {compared.root / 'bad.pt'}")
 
 
 def test_methods_scored_together_equal_separate_runs(compared):

@@ -168,11 +168,15 @@ def test_csv_shapes_that_need_a_word_from_the_user(tmp_path):
                                          r"\['salt', ' pepper'\]: a name holding an unquoted ','\? quote such names"):
         read("person\nsalt, pepper\ndog\n", column="0")  # (--tag-column 0 would have kept 'salt')
     assert read('person\n"salt, pepper"\ndog\n')[0] == ["person", "salt, pepper", "dog"]
+    # a header naming more columns than the data fill, and a column filled in some rows, are no stray cells
+    assert read("id,name,description\n0,cat,\n1,dog,\n2,tree,\n")[0] == ["cat", "dog", "tree"]
+    assert read("name,alias\ncat,\ndog,puppy\ntree,\n")[0] == ["cat", "dog", "tree"]
     for text in ("id,name\n0,cat\n1,dog\n3,tree\n", "1\tcat\n2\tdog\n4\ttree\n"):
         with pytest.raises(ValueError, match=r"column 0 looks like tag ids but skips from \d to \d \(line [34]\).* "
                                              "put a placeholder row"):
             read(text)
     assert read("name,count\ncat,1\ndog,2\ntree,5\n")[0] == ["cat", "dog", "tree"]  # counts are not ids
+    assert read("cat,1\ndog,3\ntree,7\nbird,9\n")[0] == ["cat", "dog", "tree", "bird"]  # nor with no header
     assert read("person,\ndog,\n")[0] == ["person", "dog"]  # an empty trailing column is no second text column
     with pytest.raises(ValueError, match=r"several text columns \[0, 1\], 2 of them named like a tag column "
                                          r"\(name, category\)"):
@@ -235,6 +239,13 @@ def test_a_wrong_header_guess_is_caught_by_the_index(tmp_path):
                                          r"index uses 0: does it count from 0, not --index-base 1\?"):  # 0-based
         parse_tags.import_tags(str(tmp_path / "titled.csv"), index, shards, out, no_bad_shards, tags_header="yes",
                                index_base=1)
+    # ... also when tag 0 is rare (under 1% of the entries, which as out-of-range indices would merely be dropped)
+    rare = {f"http://m.example/{i}.jpg": [1 + i % 4] for i in range(300)} | {URL["a"]: [0, 1]}
+    (tmp_path / "rare.json").write_text(json.dumps(rare), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"an entry uses tag index 0, below 1 \(--index-base 1\): the index counts "
+                                         "from 0; drop --index-base"):
+        parse_tags.import_tags(str(tmp_path / "titled.csv"), str(tmp_path / "rare.json"), shards, out,
+                               no_bad_shards, tags_header="yes", index_base=1)
 
 
 def test_two_downloads_sharing_keys_are_refused_and_a_huge_index_number_named(tmp_path):
