@@ -581,7 +581,7 @@ def command_line(args, methods, names, per_dataset, surgery_layers, clip, quick_
     Per-dataset values (threshold, stride) come from the code's table unless a flag overrode them."""
     argv = ["python3", "evaluate.py"] + (["--checkpoint", args.checkpoint] if args.checkpoint else []) \
         + ["--clip", clip, "--clip-act", "quickgelu" if quick_gelu else "gelu"]
-    if {"tagalign", "surgery"} & set(methods) and not args.checkpoint:
+    if surgery_layers is not None and not args.checkpoint:
         argv += ["--surgery-layers", str(surgery_layers)]
     argv += ["--methods", ",".join(methods), "--datasets", ",".join(names), "--data-root", args.data_root,
              "--rule", args.rule, "--clip-weight", str(args.clip_weight), "--templates", args.templates]
@@ -612,7 +612,8 @@ def run_settings(args, methods, names, results, model, world):
     cfg = model.clip.cfg
     # the CLIP used: --clip, else the checkpoint's, else load_model's default (written out in the command)
     clip = args.clip or (tagalign.read_checkpoint(args.checkpoint)["clip"] if args.checkpoint else "ViT-B/16")
-    surgery_layers = model.cfg.surgery_layers
+    surgery_methods = [m for m in methods if m in ("tagalign", "surgery")]  # the methods that use them
+    surgery_layers = model.cfg.surgery_layers if surgery_methods else None
     return {"command": command_line(args, methods, names, per_dataset, surgery_layers, clip, cfg.quick_gelu), "datasets": per_dataset,
             "rule": args.rule, "clip_weight": args.clip_weight, "templates": args.templates,
             "template_count": len(tagalign.load_templates(args.templates)), "pamr": args.pamr,
@@ -620,8 +621,7 @@ def run_settings(args, methods, names, results, model, world):
             "clip": clip,
             "clip_architecture": clip_model.describe(model.clip), "clip_blocks": cfg.vision_layers,
             "checkpoint": args.checkpoint,
-            "surgery_layers": surgery_layers if {"tagalign", "surgery"} & set(methods) else None,
-            "surgery_methods": [m for m in methods if m in ("tagalign", "surgery")],
+            "surgery_layers": surgery_layers, "surgery_methods": surgery_methods,
             "limit": args.limit, "processes": world, "code": code_version()}
 
 
@@ -762,7 +762,7 @@ def check_inputs(args, names):
         raise ValueError(f"--clip-weight must be in [0, 1], got {args.clip_weight}")
     if not 0 <= args.ref_threshold < 1:
         raise ValueError(f"--ref-threshold must be in [0, 1), got {args.ref_threshold}")
-    tagalign.check_model_files(args.checkpoint, args.clip, args.window, args.surgery_layers)
+    tagalign.check_model_files(args.checkpoint, args.clip, args.window)  # (load_model checks --surgery-layers)
     if not os.path.isdir(args.data_root):
         raise FileNotFoundError(f"--data-root {args.data_root} is not a folder")
     for name in names:

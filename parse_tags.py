@@ -1555,9 +1555,10 @@ def parquet_disagrees(path, keys, urls):
     if not isinstance(meta, dict) or not meta.get("url"):
         return None
     key = first.name.rpartition(".")[0]
-    if key not in keys:
+    try:
+        listed = urls[keys.index(key)]
+    except ValueError:
         return f"it does not list the tar's first sample {key}"
-    listed = urls[keys.index(key)]
     return None if listed == meta["url"] else f"sample {key}: {meta['url'][:80]!r} in the tar, {listed!r:.80} in it"
 
 
@@ -1620,19 +1621,15 @@ def _shard_urls(path):
         for key, url, status in shard_metadata(path, lambda *w: warnings.append(w)):
             if url is False:
                 counts["without_metadata"] += 1
-            elif status == UNREADABLE:  # a sample (train.py reads it) whose URL is lost: no tags, counted
-                keys.append(str(key))
-                with_url.append(False)
-                counts["unreadable_metadata"] += 1
-            elif status is not None and status != "success":
+            elif status not in (None, "success", UNREADABLE):
                 counts["not_success"] += 1
             else:
                 keys.append(str(key))
                 with_url.append(bool(url))
                 if url:
                     hashes += url_hash(str(url).encode("utf-8", "surrogatepass"))
-                else:
-                    counts["without_url"] += 1
+                else:  # a sample train.py reads, with no URL to match: no tags
+                    counts["unreadable_metadata" if status == UNREADABLE else "without_url"] += 1
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         error = f"{type(e).__name__}: {e}; the {len(keys):,} samples read before it are kept"
     counts["parquet_not_used"] += sum(file.endswith(".parquet") for file, _ in warnings)
@@ -1684,8 +1681,9 @@ def read_shard_urls(files, report_bad, workers=1):
     return keys, width, np.frombuffer(hashes, dtype=np.uint64), rows, dict(counts)
 
 
-def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits):
-    """One batch of index entries (url hashes, list lengths, flat tag indices) joined with the shard samples:
+def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits, base=0):
+    """One batch of index entries (url hashes, list lengths, flat tag indices, numbered from base) joined with the
+    shard samples (everything below is 0-based):
     (row << 32 | tag) pairs, (smallest, largest index), and counts of entries: found, with indices out of range
     ("bad"), below 0 or above K ("far"), equal to K ("at_k": one past the list, the off-by-one sign). Adds to
     tag_uses (K: how often each tag is in the index) and url_hits (per shard URL: index entries naming it; above
@@ -1693,6 +1691,8 @@ def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits
     h = np.frombuffer(batch[0], dtype=np.uint64)
     lengths = np.frombuffer(batch[1], dtype=np.int64)
     ids = np.frombuffer(batch[2], dtype=np.int64)
+    if base:
+        ids = ids - base  # 0-based row numbers
     entry_of = np.repeat(np.arange(len(h)), lengths)
     bad = (ids < 0) | (ids >= K)
     tag_uses += np.bincount(ids[~bad], minlength=K)
@@ -1734,7 +1734,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
     K = len(names)
     header = csv_info["header"]
-    skipped = f"header row {_preview(header)} skipped" if header else f"no header row (the first row is tag {index_base})"
+    skipped = f"header row {_preview(header)} skipped" if header else \
+        f"no header row (the first row is tag {index_base})"
     log(f"{tags_path}: {K:,} tags from column {csv_info['column']}; {skipped}"
         f" ({'decided by --tags-header' if tags_header != 'auto' else 'guessed; --tags-header yes|no overrides'});"
         f" tags {index_base}.. {_preview(names, 3)}, last tag ({K - 1 + index_base}) {names[-1]!r}")
@@ -1772,7 +1773,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
 
     def join(batch):
         nonlocal lo, hi
-        new, bounds, counts = _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits)
+        new, bounds, counts = _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits,
+                                                  index_base)
         pairs.extend(new)
         kinds.update(counts)
         if bounds:
@@ -1786,7 +1788,7 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
         batch[0].extend(url_hash(url))
         batch[1].append(len(tags))
         try:
-            batch[2].extend([t - index_base for t in tags] if index_base else tags)  # 0-based row numbers
+            batch[2].extend(tags)
         except OverflowError:
             huge = next(t for t in tags if not -2 ** 63 <= t < 2 ** 63)
             raise ValueError(f"{index_path}: {url[:120]!r} has the tag index {huge}, which is no row of any tag list "
@@ -1804,7 +1806,7 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
                 f"but {tags_path} has {K} tags: the tag list does not belong to this index (or was read with a wrong "
                 "header/column: see --tags-header, --tag-column" +
                 (f"; the index uses {lo}: does it count from {lo}, not --index-base {index_base}?)"
-                 if lo is not None and lo < first else ")"))
+                 if index_base and lo is not None and lo < first else ")"))
     if kinds["far"] > MAX_OUT_OF_RANGE * entries:  # far outside, not one past: another list
         raise ValueError(mismatch)
     if index_base and lo is not None and lo < first:  # however few: a 0-based index read as 1-based shifts them all
@@ -1830,8 +1832,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
         raise ValueError(mismatch)
     if entries and not header and tags_header == "auto" and tag_uses[-1] == 0 and tag_uses[0] > 0:
         raise ValueError(f"{index_path}: no entry uses the last tag ({past_end - 1}: {names[-1]!r}) while the first "
-                         f"row {names[0]!r} was read as tag {first}: if that row is a header, every tag is shifted by one; "
-                         "pass --tags-header yes if it is a header, --tags-header no if it is a tag")
+                         f"row {names[0]!r} was read as tag {first}: if that row is a header, every tag is shifted "
+                         "by one; pass --tags-header yes if it is a header, --tags-header no if it is a tag")
     if found == 0:
         key = str(keys[0]).zfill(width)
         url = first_url.decode("utf-8", "replace")[:120] if first_url else None

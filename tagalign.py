@@ -762,10 +762,11 @@ def main(argv=None):
             img = Image.open(args.image).convert("RGB")
         except OSError as e:
             raise ValueError(f"cannot read image {args.image} ({e})") from e
-        check_model_files(args.checkpoint, args.clip, args.window, args.surgery_layers)
+        check_model_files(args.checkpoint, args.clip, args.window)  # the window before a CLIP download
         model = load_model(args.checkpoint, args.clip, args.surgery_layers, args.device,
-                           clip_model.ACTIVATIONS[args.clip_act])  # checks its files first
-        window = args.window or inference_defaults(model.clip)["window"]
+                           clip_model.ACTIVATIONS[args.clip_act])  # checks its files and surgery layers first
+        defaults = inference_defaults(model.clip)
+        window = args.window or defaults["window"]
         check_window(window, model.clip.visual.patch_size)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -773,7 +774,7 @@ def main(argv=None):
     text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
     features = feature_fn(model, args.method)
     kw = dict(window=window, stride=args.stride or half_window(window, model.clip.visual.patch_size),
-              short_side=args.short_side or inference_defaults(model.clip)["short_side"],
+              short_side=args.short_side or defaults["short_side"],
               clip_weight=args.clip_weight)
     labels, scores = segment(features, img, text_emb, rule=args.rule, bg_threshold=args.bg_threshold,
                              use_pamr=args.pamr, **kw)
