@@ -689,6 +689,9 @@ def parse_args(argv=None):
     p.add_argument("--surgery-layers", type=int, default=None,
                    help="CLIP Surgery blocks of tagalign (untrained) and of the surgery baseline (default: the last "
                    "half of the CLIP's; with --checkpoint, the checkpoint's, and a different value is an error)")
+    p.add_argument("--dist-timeout", type=float, default=60,
+                   help="minutes a process may wait in a collective for the others (NCCL's default is 10): the "
+                        "first process of a node downloads the CLIP while the others wait")
     p.add_argument("--dataset", default=None, help="one dataset: " + ", ".join(STANDARD + list(REFER)))
     p.add_argument("--datasets", default=None, help="comma-separated datasets, or 'all' (the ten) or 'refer'")
     p.add_argument("--data-root", required=True, help="folder holding the datasets' folders (see the docstring)")
@@ -869,7 +872,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # RuntimeError: an unreadable checkpoint
         sys.exit(f"error: {e}")
     try:
-        rank, world, device = tagalign.init_distributed()  # GPU LOCAL_RANK set before NCCL starts
+        # GPU LOCAL_RANK set before NCCL starts; the timeout covers rank 0 downloading a CLIP for the node
+        rank, world, device = tagalign.init_distributed(args.dist_timeout)
         model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device,
                                     clip_model.ACTIVATIONS[args.clip_act])
         apply_backbone(args, model.clip)

@@ -1681,13 +1681,14 @@ def read_shard_urls(files, report_bad, workers=1):
     return keys, width, np.frombuffer(hashes, dtype=np.uint64), rows, dict(counts)
 
 
-def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits, base=0):
+def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits, listed, base=0):
     """One batch of index entries (url hashes, list lengths, flat tag indices, numbered from base) joined with the
     shard samples (everything below is 0-based):
     (row << 32 | tag) pairs, (smallest, largest index), and counts of entries: found, with indices out of range
     ("bad"), below 0 or above K ("far"), equal to K ("at_k": one past the list, the off-by-one sign). Adds to
     tag_uses (K: how often each tag is in the index) and url_hits (per shard URL: index entries naming it; above
-    1 when the index lists a URL twice)."""
+    1 when the index lists a URL twice); sets listed[row] for every sample whose URL the index has, even with an
+    empty list."""
     h = np.frombuffer(batch[0], dtype=np.uint64)
     lengths = np.frombuffer(batch[1], dtype=np.int64)
     ids = np.frombuffer(batch[2], dtype=np.int64)
@@ -1699,6 +1700,7 @@ def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits
     left = np.searchsorted(sorted_hashes, h, "left")
     matches = np.searchsorted(sorted_hashes, h, "right") - left
     np.add.at(url_hits, left[matches > 0], 1)  # a URL held by several samples: counted at the first of them
+    listed[sorted_rows[left[matches == 1]]] = True
     one = (matches == 1)[entry_of] & ~bad  # the usual case, vectorised: an index URL held by one sample
     pairs = [sorted_rows[left[entry_of[one]]] << 32 | ids[one]]
     starts = np.cumsum(lengths) - lengths
@@ -1706,6 +1708,7 @@ def _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits
         tags = ids[starts[e]:starts[e] + lengths[e]]
         tags = tags[(tags >= 0) & (tags < K)]
         pairs += [sorted_rows[j] << 32 | tags for j in range(left[e], left[e] + matches[e])]
+        listed[sorted_rows[left[e]:left[e] + matches[e]]] = True
     bounds = (int(ids.min()), int(ids.max())) if len(ids) else None
     entries_with = lambda mask: len(np.unique(entry_of[mask]))
     return pairs, bounds, Counter(found=int((matches > 0).sum()), bad=entries_with(bad),
@@ -1720,7 +1723,10 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     even when no sample has it (a model trained on the part of CC12M still reachable keeps the authors' K-tag
     list; train.py's balanced loss gives a zero-frequency tag no weight); counts and frequencies are over the
     shard samples. No attributes: the authors released none. An index that lists a URL twice gives its samples the
-    union of both lists (json.load would keep the last); the report counts such URLs.
+    union of both lists (json.load would keep the last); the report counts such URLs. A shard sample whose URL the
+    index does not list gets no row: the authors' dataset skips it, and so does train.py (counted as 'unlisted';
+    its --keep-unlisted trains such samples on the contrastive loss). A listed URL with an empty list gets an
+    empty row.
     Memory grows with the shards and the pairs, not with the index: at its peak about 80 bytes per shard sample
     (key, URL hash, row, their sort; more when keys are not img2dataset's digits and stay Python strings) and
     about 26 bytes per (sample, tag) pair while the pairs are sorted, plus one index chunk and an 8-byte count
@@ -1770,11 +1776,12 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     entries, kinds = 0, Counter(found=0, bad=0, far=0, at_k=0)  # index entries, and those of each kind
     lo, hi, first_url, pairs = None, None, None, []
     tag_uses, url_hits = np.zeros(K, dtype=np.int64), np.zeros(len(sorted_hashes), dtype=np.int32)
+    listed = np.zeros(len(keys), dtype=bool)  # per key row: its URL is a key of the index
 
     def join(batch):
         nonlocal lo, hi
         new, bounds, counts = _labels_for_entries(batch, sorted_hashes, sorted_rows, K, tag_uses, url_hits,
-                                                  index_base)
+                                                  listed, index_base)
         pairs.extend(new)
         kinds.update(counts)
         if bounds:
@@ -1845,6 +1852,10 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     pairs.sort()
     if len(pairs):  # a tag listed twice for one URL, or two entries for one sample, counts once
         pairs = pairs[np.concatenate(([True], pairs[1:] != pairs[:-1]))]
+    unlisted, distinct = int((~listed).sum()), len(keys)
+    new_row = np.cumsum(listed) - 1  # rows of the listed samples only (every pair comes from a listed row)
+    pairs = new_row[pairs >> 32] << 32 | (pairs & 0xFFFFFFFF)
+    keys = keys[listed]
     n = len(keys)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(pairs >> 32, minlength=n), out=offsets[1:])
@@ -1863,7 +1874,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
             "index_entries_out_of_range": bad_entries, "index_range": [lo, hi], "shards": len(shard_files),
             "bad_shards": counts["bad_shards"], "samples": n, "samples_without_tags": untagged,
             "samples_without_tags_pct": round(100 * untagged / n, 2), "samples_without_url": counts["without_url"],
-            "duplicate_keys": samples_read - n, "not_success_skipped": counts["not_success"],
+            "samples_not_in_index": unlisted,
+            "duplicate_keys": samples_read - distinct, "not_success_skipped": counts["not_success"],
             "keys_without_metadata": counts["without_metadata"], "tags_without_samples": tag_counts.count(0),
             "tags_not_in_index": int((tag_uses == 0).sum()), "index_entries_at_K": at_k,
             "found_urls_listed_twice": int((url_hits > 1).sum()),
@@ -1906,8 +1918,10 @@ def bad_file_reporter(errors_path):
 def import_summary(r, out, errors):
     """The import report for a person: what was matched, what was lost, and what to look at."""
     lines = [f"imported {r['tags']:,} tags: {r['index_urls_found']:,} of {r['index_urls']:,} index URLs found in the "
-             f"shards ({r['index_urls_found_pct']}%); {r['samples']:,} shard samples, {r['samples_without_tags']:,} "
-             f"without tags ({r['samples_without_tags_pct']}%) -> {out}/vocab.json, labels.pt",
+             f"shards ({r['index_urls_found_pct']}%); {r['samples']:,} shard samples listed, "
+             f"{r['samples_without_tags']:,} of them with an empty list ({r['samples_without_tags_pct']}%) -> "
+             f"{out}/vocab.json, labels.pt; {r['samples_not_in_index']:,} samples not in the index get no row "
+             "(train.py skips them)",
              f"  tags: {r['tags_without_samples']:,} on no shard sample, {r['tags_not_in_index']:,} in no index entry, "
              f"{r['duplicate_tag_names']:,} duplicate names; index tag range {r['index_range']}, "
              f"{r['index_entries_out_of_range']:,} entries with indices outside the list (those indices dropped)",

@@ -20,7 +20,7 @@ What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
 - Eq. 7-8 (rule v3): per window P = (1 - a) softmax(30 cos(f_tagalign, t)) + a softmax(30 cos(f_clip, t));
   rule v1: 0.7 sigmoid(10 cos_tagalign - 2.5) + 0.3 sigmoid(10 cos_clip - 2.5). Sliding windows averaged over
   overlaps, resized to the original image, background by threshold; optional PAMR (Araslanov & Roth 2020) on
-  each window's map at its patch grid, where TCL's evaluation applies it.
+  each window's TagAlign term at its patch grid before the CLIP term is added, where TCL's evaluation applies it.
 - Training-free baselines on the same backbone: MaskCLIP, SCLIP, ClearCLIP, NACLIP and plain CLIP.
 """
 import argparse
@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import clip_model
-import figures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATE_FILES = {"tcl9": "templates_tcl9.txt", "clip80": "templates_clip80.txt"}
@@ -532,8 +531,7 @@ def feature_fn(model, method="tagalign"):
     def features(windows):
         if method == "tagalign":
             return model.dense_features(windows)
-        f = baseline_features(clip, windows, method, surgery_layers)
-        return f, f  # no separate CLIP branch: the blend is a no-op
+        return baseline_features(clip, windows, method, surgery_layers), None  # no CLIP branch of its own
     features.patch_size = clip.visual.patch_size
     return features
 
@@ -541,22 +539,31 @@ def feature_fn(model, method="tagalign"):
 # ----------------------------------------------------------------------------------------------------------
 # Dense inference
 
-def window_scores(f_main, f_clip, text_emb, rule="v3", clip_weight=0.5):
+def window_scores(f_main, f_clip, text_emb, rule="v3", clip_weight=0.5, refine=None):
     """Per-window class maps from features (n, h, w, D) and normalised text embeddings (C, D) -> (n, C, h, w).
     v3 (Eq. 7-8): (1 - a) softmax(30 cos_main) + a softmax(30 cos_clip); v1: 0.7 sigmoid(10 cos_main - 2.5) +
-    0.3 sigmoid(10 cos_clip - 2.5); 'cosine': (1 - a) cos_main + a cos_clip (for heatmaps)."""
+    0.3 sigmoid(10 cos_clip - 2.5); 'cosine': (1 - a) cos_main + a cos_clip (for heatmaps).
+    f_clip None (a training-free baseline): the method's own map alone. refine: applied to the model's own term
+    before the CLIP term is added, as TCL applies PAMR to its mask before mixing in the CLIP branch."""
     t = text_emb.to(f_main.dtype)
-    cos_main = F.normalize(f_main, dim=-1) @ t.t()  # (n, h, w, C)
-    cos_clip = F.normalize(f_clip, dim=-1) @ t.t()
     if rule == "v3":
-        p = (1 - clip_weight) * (30 * cos_main).softmax(-1) + clip_weight * (30 * cos_clip).softmax(-1)
+        weights, prob = (1 - clip_weight, clip_weight), lambda c: (30 * c).softmax(-1)
     elif rule == "v1":
-        p = 0.7 * torch.sigmoid(10 * cos_main - 2.5) + 0.3 * torch.sigmoid(10 * cos_clip - 2.5)
+        weights, prob = (0.7, 0.3), lambda c: torch.sigmoid(10 * c - 2.5)
     elif rule == "cosine":
-        p = (1 - clip_weight) * cos_main + clip_weight * cos_clip
+        weights, prob = (1 - clip_weight, clip_weight), lambda c: c
     else:
         raise ValueError(f"unknown rule {rule!r}; choose v3, v1 or cosine")
-    return p.permute(0, 3, 1, 2).float()  # (n, C, h, w)
+    if f_clip is None:
+        weights = (1.0, 0.0)
+
+    def term(f, weight):  # (n, h, w, D) -> weight * map, (n, C, h, w)
+        return (weight * prob(F.normalize(f, dim=-1) @ t.t())).permute(0, 3, 1, 2).float()
+
+    p = term(f_main, weights[0])
+    if refine is not None:
+        p = refine(p)
+    return p + term(f_clip, weights[1]) if weights[1] else p
 
 
 def window_boxes(H, W, window, stride):
@@ -584,9 +591,10 @@ def resize_short_side(image, short_side=448, max_long_side=2048):
 def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16, use_pamr=False, **rule_kw):
     """Class maps of a normalised image (1, 3, H, W): windows batched through `features`, each window's map
     bilinearly upsampled to the window and averaged over overlaps -> (C, H, W).
-    use_pamr: PAMR refines each window's map on its own patch grid before the upsampling, as TCL's evaluation
-    (which TagAlign's "+PAMR" numbers follow) does: the window's image is shrunk to the map's h x w (bilinear,
-    align_corners=True), so the dilations 1..24 are measured in patches, not pixels."""
+    use_pamr: PAMR refines each window's own map (TagAlign's term of Eq. 8, or a baseline's whole map) on its patch
+    grid before the CLIP term is added and before the upsampling, as TCL's evaluation (which TagAlign's "+PAMR"
+    numbers follow) does: the window's image is shrunk to the map's h x w (bilinear, align_corners=True), so the
+    dilations 1..24 are measured in patches, not pixels."""
     _, _, H, W = image.shape
     patch = getattr(features, "patch_size", 16)
     boxes = window_boxes(H, W, window, stride)
@@ -597,10 +605,12 @@ def sliding_scores(features, image, text_emb, window=448, stride=224, window_bat
         chunk = boxes[i:i + window_batch]
         crops = torch.cat([image[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (n, 3, wh, ww)
         crops = F.pad(crops, pad)  # (n, 3, wh + pad, ww + pad)
-        maps = window_scores(*features(crops), text_emb, **rule_kw)  # (n, C, h, w)
-        if use_pamr:
-            small = F.interpolate(crops.float(), size=maps.shape[-2:], mode="bilinear", align_corners=True)
-            maps = pamr(small, maps)  # (n, C, h, w)
+        f_main, f_clip = features(crops)  # (n, h, w, D) each
+        refine = None
+        if use_pamr:  # on the model's own map only; the CLIP term of Eq. 8 is added after it (TCL's order)
+            small = F.interpolate(crops.float(), size=f_main.shape[1:3], mode="bilinear", align_corners=True)
+            refine = lambda maps: pamr(small, maps)  # (n, C, h, w) -> (n, C, h, w)
+        maps = window_scores(f_main, f_clip, text_emb, refine=refine, **rule_kw)  # (n, C, h, w)
         maps = F.interpolate(maps, size=(wh + pad[3], ww + pad[1]), mode="bilinear", align_corners=False)
         maps = maps[:, :, :wh, :ww]
         if total is None:
@@ -699,6 +709,7 @@ def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.
     name (and pixel share of the label map) under it | the colour bar of the fixed scale. image: PIL; labels:
     (H, W) label ids (0 = background when has_background); maps: (Q, H, W) values drawn on `scale`."""
     from PIL import Image
+    import figures  # the drawing helpers: only this command needs them, so the model file copies out alone
     photo = figures.upscale(image.convert("RGB"), min_side)
     names = (["background"] if has_background else []) + list(queries)
     colours = figures.colours_for(names, background=has_background)

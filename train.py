@@ -31,6 +31,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -48,56 +49,73 @@ import tagalign
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: raw records (key, image bytes, caption) -> shuffle buffer -> decode + augment, per "role"
+# Data: records (key, image, caption) -> shuffle buffer -> decode + augment to uint8, per "role"; the
+# normalisation and the random erasing run on the device, batched (normalise_and_erase)
+
+SKIPS = ("image", "tar", "member", "unlisted")  # what the data stream skips, counted in every log line
+
 
 def stable_seed(*parts):
-    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest(),
+                          "little") >> 1
 
 
-def tar_records(path, skipped):
-    """(key, image bytes, caption) from an img2dataset tar, streaming. A truncated or corrupt tar ends the shard
-    early and is counted in skipped['tar']; members missing their image or caption in skipped['member']."""
-    current, parts = None, {}
-
-    def flush():
-        if current is not None:
-            if "img" in parts and "txt" in parts:
-                return current, parts["img"], parts["txt"]
-            skipped["member"] += 1
-        return None
-
+def tar_records(path, skipped, offset=0):
+    """(key, image bytes, caption, start, next) of an img2dataset tar, streaming from byte `offset` (a record's
+    first header) on. start: the record's own offset; next: the offset of the record after it (None at the end
+    of the file), where a resume seeks to. A plain tar is seeked; a compressed one is decompressed from its start
+    and the records before `offset` passed over. A truncated or corrupt tar ends the shard early and is counted
+    in skipped['tar']; members missing their image or caption in skipped['member']."""
+    current, start, parts = None, None, {}
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition(".")
-                if key != current:
-                    rec = flush()
-                    if rec:
-                        yield rec
-                    current, parts = key, {}
-                ext = ext.lower()
-                if ext in ("jpg", "jpeg", "png", "webp"):
-                    parts["img"] = tar.extractfile(member).read()
-                elif ext == "txt":
-                    parts["txt"] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+        with open(path, "rb") as f:
+            plain = f.read(512)[257:262] == b"ustar"  # the POSIX magic of an uncompressed tar's first header
+            base = offset if plain else 0
+            f.seek(base)
+            with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
+                for member in tar:
+                    where = base + member.offset  # the member's header, in the file (or decompressed stream)
+                    if where < offset or not member.isfile():
+                        continue
+                    key, _, ext = member.name.rpartition(".")
+                    if key != current:
+                        if "img" in parts and "txt" in parts:
+                            yield current, parts["img"], parts["txt"], start, where
+                        elif current is not None:
+                            skipped["member"] += 1
+                        current, start, parts = key, where, {}
+                    ext = ext.lower()
+                    if ext in ("jpg", "jpeg", "png", "webp"):
+                        parts["img"] = tar.extractfile(member).read()
+                    elif ext == "txt":
+                        parts["txt"] = tar.extractfile(member).read().decode("utf-8", errors="replace")
     except (tarfile.TarError, OSError, EOFError) as e:
         skipped["tar"] += 1
         print(f"warning: {path}: {type(e).__name__}: {e}; rest of the shard skipped", file=sys.stderr)
-    rec = flush()
-    if rec:
-        yield rec
+    if "img" in parts and "txt" in parts:
+        yield current, parts["img"], parts["txt"], start, None
+    elif current is not None:
+        skipped["member"] += 1
 
 
 CSV_COLUMNS = ("key", "image", "caption")
 
 
-def csv_records(path, image_root):
-    """(key, image path, caption) rows of a CSV with columns key, image, caption (image relative to image_root)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            yield row["key"], os.path.join(image_root, row["image"]), row["caption"]
+def csv_records(path, image_root, offset=0):
+    """(key, image path, caption, start, next) of the rows of a CSV with columns key, image, caption (image
+    relative to image_root), from byte `offset` (a row's start) on; start/next as in tar_records."""
+    with open(path, "rb") as f:
+        header = next(csv.reader([f.readline().decode("utf-8")]))
+        column = [header.index(c) for c in CSV_COLUMNS]
+        f.seek(max(offset, f.tell()))
+        lines = iter(lambda: f.readline().decode("utf-8"), "")  # the reader pulls one line at a time
+        reader, start = csv.reader(lines), f.tell()
+        for row in reader:
+            end = f.tell()
+            if row:
+                key, image, caption = (row[i] for i in column)
+                yield key, os.path.join(image_root, image), caption, start, end
+            start = end
 
 
 def check_csv(path, image_root):
@@ -120,21 +138,27 @@ def check_csv(path, image_root):
 
 
 class CaptionImages(torch.utils.data.IterableDataset):
-    """Endless stream of (image, tokens, object ids, attribute ids, key, role, position) for one rank.
+    """Endless stream of (uint8 image, erase box, tokens, object ids, attribute ids, key, found, where) for one
+    rank.
 
     The stream is split into world * workers "roles". With at least that many shards a role reads whole shards
-    (the shard order reshuffled every epoch), else every role reads all files and keeps every n-th record. Each
-    role shuffles raw records in a buffer, then decodes and augments; augmentation is seeded by the sample's key
-    and epoch, so a sample looks the same whatever the world size. `start` maps role -> records already consumed,
-    which are skipped (without decoding) to resume exactly; `role_offset` rotates roles over DataLoader workers so
-    that the resumed loader continues the same round-robin batch order."""
+    (the shard order reshuffled every epoch), else every role reads all files and keeps every n-th record. A
+    sample whose key has no row in labels.pt is skipped (counted as 'unlisted') unless keep_unlisted. Each role
+    shuffles raw records in a buffer (the slot emitted at position p is a hash of (seed, role, p)), then decodes
+    and augments; augmentation is seeded by the sample's key and epoch, so a sample looks the same whatever the
+    world size. A record's location is (epoch, file number, byte offset). Each sample carries `where`: the
+    buffer slots refilled since the last sample, the stream's next read position and the skip counts; from it
+    StreamPositions (in the main process) knows each role's buffer as locations. `start` maps role -> that
+    state: a resume reads again only the records in the buffer, then seeks to the next read position (constant
+    time at any step). `role_offset` rotates roles over DataLoader workers so that the resumed loader continues
+    the same round-robin batch order."""
 
     MAX_FAILURES = 1000  # consecutive undecodable images: the data is wrong, not a few files
 
     def __init__(self, files, labels, transform, rank=0, world=1, workers=0, shuffle_buffer=1000, seed=0,
-                 image_root=None, start=None, role_offset=0, csv_input=False):
+                 image_root=None, start=None, role_offset=0, csv_input=False, keep_unlisted=False):
         super().__init__()
-        self.csv_input = csv_input
+        self.csv_input, self.keep_unlisted = csv_input, keep_unlisted
         self.files, self.labels, self.transform = files, labels, transform
         self.rank, self.world, self.workers = rank, world, max(workers, 1)
         self.shuffle_buffer, self.seed, self.image_root = max(shuffle_buffer, 1), seed, image_root
@@ -145,76 +169,127 @@ class CaptionImages(torch.utils.data.IterableDataset):
         worker = info.id if info else 0
         return self.rank * self.workers + (worker + self.role_offset) % self.workers
 
-    def raw_stream(self, role, skipped):
+    def records(self, file, offset, skipped):
+        path = self.files[file]
+        if self.csv_input:
+            return csv_records(path, self.image_root, offset)
+        return tar_records(path, skipped, offset)
+
+    def raw_stream(self, role, skipped, at=(0, 0, 0, 0)):
+        """This role's records from the read position at = (epoch, file in the epoch's order, byte offset,
+        records seen in the epoch) on: ((epoch, file, offset) of the record, the next read position, key, image,
+        caption)."""
         roles = self.world * self.workers
         by_file = len(self.files) >= roles
-        epoch = 0
+        epoch, k, offset, index = at
         while True:
-            order = list(self.files)
+            order = list(range(len(self.files)))
             random.Random(stable_seed(self.seed, "files", epoch)).shuffle(order)
             mine = order[role::roles] if by_file else order
-            index, read = 0, 0
-            for path in mine:
-                records = csv_records(path, self.image_root) if self.csv_input else tar_records(path, skipped)
-                for rec in records:
-                    if by_file or index % roles == role:
-                        read += 1
-                        yield epoch, rec
+            whole_pass, kept, unlisted = (k, offset, index) == (0, 0, 0), 0, None
+            while k < len(mine):
+                for key, image, caption, start, after in self.records(mine[k], offset, skipped):
                     index += 1
-            if read == 0:  # else this loop would spin forever and training would wait without a word
+                    if not (by_file or (index - 1) % roles == role):
+                        continue
+                    if not self.keep_unlisted and self.labels is not None and self.labels.row(key) is None:
+                        skipped["unlisted"] += 1
+                        unlisted = unlisted or key
+                        continue
+                    kept += 1
+                    next_at = (epoch, k, after, index) if after is not None else (epoch, k + 1, 0, index)
+                    yield (epoch, mine[k], start), next_at, key, image, caption
+                k, offset = k + 1, 0
+            if whole_pass and kept == 0:  # else this loop would spin forever and training would wait
+                if unlisted:
+                    raise ValueError(
+                        f"no sample of a whole pass over {len(mine)} file(s) has its key in labels.pt: data keys "
+                        f"look like {unlisted!r}, labels.pt keys like {example_label_key(self.labels)!r}. Parse "
+                        "the same files you train on (tar keys are img2dataset's sample keys; CSV rows are keyed "
+                        "by their 'key' column), or pass --keep-unlisted to train them on the contrastive loss")
                 raise RuntimeError(f"a whole pass over {len(mine)} file(s) gave worker {role} no complete sample "
                                    f"(skipped so far: {skipped}); check the data files")
-            epoch += 1
+            epoch, k, offset, index = epoch + 1, 0, 0, 0
+
+    def read_at(self, where):
+        """The record at a location (epoch, file, offset), read again for a resumed shuffle buffer."""
+        epoch, file, offset = where
+        key, image, caption, _, after = next(self.records(file, offset, dict.fromkeys(SKIPS, 0)))
+        return where, None, key, image, caption
 
     def __iter__(self):
         role = self.role()
-        skipped = {"image": 0, "tar": 0, "member": 0}
-        rng = random.Random(stable_seed(self.seed, "shuffle", role))
-        buffer, position, start, failures = [], 0, self.start.get(role, 0), 0
-        for item in self.raw_stream(role, skipped):
-            if len(buffer) < self.shuffle_buffer:  # fill the buffer, then emit a random element per new one
-                buffer.append(item)
-                continue
-            j = rng.randrange(len(buffer))
-            item, buffer[j] = buffer[j], item
+        skipped = dict.fromkeys(SKIPS, 0)  # since this (re)start; the checkpoint holds the earlier total
+        state = self.start.get(role)
+        if state is None:
+            position, stream = 0, self.raw_stream(role, skipped)
+            buffer = [item for _, item in zip(range(self.shuffle_buffer), stream)]
+        else:  # the only records read twice: the ones still in the buffer
+            position, stream = state["position"], self.raw_stream(role, skipped, state["next"])
+            buffer = [self.read_at(tuple(w)) for w in state["buffer"]]
+        init, trail, failures = [item[0] for item in buffer], [], 0
+        for new in stream:
+            j = stable_seed(self.seed, "shuffle", role, position) % len(buffer)
+            item, buffer[j] = buffer[j], new
             position += 1
-            if position <= start:  # consumed before the resume: re-read, not decoded
-                if position == start:
-                    # the stream has now read exactly what it had read when the checkpoint's last sample of this
-                    # role was consumed; the tar/member skips met so far are in the checkpoint's total already
-                    skipped.update(dict.fromkeys(skipped, 0))
-                continue
+            trail.append((j, new[0]))
             sample = self.decode(item, skipped)
             if sample is None:
                 failures += 1
                 if failures >= self.MAX_FAILURES:
-                    raise RuntimeError(f"{failures} images in a row could not be decoded (last: key {item[1][0]!r}); "
+                    raise RuntimeError(f"{failures} images in a row could not be decoded (last: key {item[2]!r}); "
                                        "check the data (or --image-root for a CSV)")
                 continue
             failures = 0
-            yield (*sample, role, position, dict(skipped))
+            where = {"role": role, "position": position, "init": init, "trail": trail, "next": new[1],
+                     "skipped": dict(skipped)}
+            init, trail = None, []
+            yield (*sample, where)
 
     def decode(self, item, skipped):
         from PIL import Image
-        epoch, (key, image, caption) = item
+        (epoch, _, _), _, key, image, caption = item
         try:
-            data = open(image, "rb").read() if isinstance(image, str) else image
-            img = Image.open(io.BytesIO(data))
-            img = img.convert("RGB")  # forces a full decode: truncated files fail here
+            img = Image.open(io.BytesIO(open(image, "rb").read() if isinstance(image, str) else image))
+            img.load()  # a full decode: truncated files fail here
+            img = img if img.mode == "RGB" else img.convert("RGB")
         except Exception:
             skipped["image"] += 1
             return None
         with seeded(stable_seed(self.seed, "augment", key, epoch)):  # the same augmentation at any world size
-            x = self.transform(img)
+            x = self.transform(img)  # (3, S, S) uint8
+            box = erase_box(*x.shape[1:]) if getattr(self.transform, "erase", False) else (0, 0, 0, 0)
+        box = (*box, stable_seed(self.seed, "erase", key, epoch))  # the noise's seed, for the device
         tags = self.labels.get(key) if self.labels is not None else None
-        obj, attr = tags if tags is not None else (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-        return x, clip_model.tokenize(caption)[0], obj, attr, key, tags is not None
+        empty = torch.zeros(0, dtype=torch.long)
+        obj, attr = tags if tags is not None else (empty, empty)
+        return x, torch.tensor(box), clip_model.tokenize(caption)[0], obj, attr, key, tags is not None
+
+
+class StreamPositions:
+    """Where each data role of this rank stands, for the checkpoint, rebuilt in the main process from the `where`
+    each sample carries: the role's shuffle buffer as record locations, its next read position and sample count,
+    and its skip counts since this (re)start. Only this rank's roles (rank * workers + w): a copy of the others'
+    would be stale and overwrite their real positions at the next save."""
+
+    def __init__(self, start, rank, workers):
+        self.roles = {r: {**s, "buffer": list(s["buffer"])} for r, s in start.items() if r // workers == rank}
+        self.skipped = {}  # role -> its skip counts since this (re)start
+
+    def update(self, where):
+        state = self.roles.setdefault(where["role"], {})
+        if where["init"] is not None:  # the role's first sample since the (re)start: its whole buffer
+            state["buffer"] = list(where["init"])
+        for slot, location in where["trail"]:  # the slots refilled since the role's previous sample
+            state["buffer"][slot] = location
+        state["position"], state["next"] = where["position"], where["next"]
+        self.skipped[where["role"]] = where["skipped"]
 
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Seed every generator an augmentation draws from (timm uses Python's random and NumPy's, torchvision and
-    RandomErasing torch's CPU one), restoring them afterwards (CUDA generators are not touched)."""
+    """Seed every generator an augmentation draws from (timm uses Python's random and NumPy's, torchvision
+    torch's CPU one), restoring them afterwards (CUDA generators are not touched)."""
     import numpy as np
     states = random.getstate(), np.random.get_state()
     random.seed(seed)
@@ -228,6 +303,39 @@ def seeded(seed):
         np.random.set_state(states[1])
 
 
+ERASE = {"p": 0.25, "area": (0.02, 1 / 3), "log_aspect": (math.log(0.3), math.log(1 / 0.3))}
+
+
+def erase_box(height, width, p=ERASE["p"], area=ERASE["area"], log_aspect=ERASE["log_aspect"]):
+    """The box of timm's RandomErasing (one box, the authors' re_prob 0.25), drawn from Python's random in
+    timm's order so that the same seed erases the same box: (top, left, h, w), h = 0 for none."""
+    if random.random() > p:
+        return 0, 0, 0, 0
+    for _ in range(10):
+        target = random.uniform(*area) * height * width
+        aspect = math.exp(random.uniform(*log_aspect))
+        h, w = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if w < width and h < height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w
+    return 0, 0, 0, 0
+
+
+def normalise_and_erase(images, boxes, generator):
+    """On the device, for a batch: uint8 (B, 3, S, S) -> ImageNet-normalised float (timm's ToTensor and
+    Normalize), then each sample's erase box filled with N(0, 1) noise (timm's pixel-mode RandomErasing, in
+    normalised space). boxes: a host tensor (B, 5) of (top, left, h, w, noise seed), h = 0 for none; the noise
+    is seeded per sample, so a sample looks the same at any world size. Shipping uint8 crops from the workers
+    costs a quarter of float32's shared memory."""
+    x = images.float().div(255)
+    x = torch.stack([(x[:, c] - m) / s for c, (m, s) in  # Python scalars: no host-to-device copy
+                     enumerate(zip(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD))], 1)  # (B, 3, S, S)
+    for i, (top, left, h, w, seed) in enumerate(boxes.tolist()):  # a host tensor: no device read
+        if h:
+            generator.manual_seed(seed)
+            x[i, :, top:top + h, left:left + w] = torch.randn((3, h, w), generator=generator, device=x.device)
+    return x
+
+
 def sparse_tags(index_lists):
     """Per-sample tag indices -> (rows, cols) of the ones of the (B, K) multi-hot matrix: two flat int64 tensors
     that DataLoader pins and that go to the GPU without a blocking copy (multi_hot builds the matrix there)."""
@@ -237,13 +345,13 @@ def sparse_tags(index_lists):
 
 
 def collate(batch):
-    images, tokens, obj, attr, keys, found, roles, positions, skipped = zip(*batch)
-    return {"images": torch.stack(images), "tokens": torch.stack(tokens), "keys": list(keys),
-            "obj": sparse_tags(obj), "attr": sparse_tags(attr),
+    images, boxes, tokens, obj, attr, keys, found, where = zip(*batch)
+    return {"images": torch.stack(images), "boxes": torch.stack(boxes), "tokens": torch.stack(tokens),
+            "keys": list(keys), "obj": sparse_tags(obj), "attr": sparse_tags(attr),
             # host-side counts (no GPU read needed): images with object / attribute tags, keys found in labels.pt
             "n_obj": sum(len(o) > 0 for o in obj), "n_attr": sum(len(a) > 0 for a in attr),
             "n_tagged": sum(len(o) + len(a) > 0 for o, a in zip(obj, attr)), "n_found": sum(found),
-            "roles": list(roles), "positions": list(positions), "skipped": list(skipped)}
+            "where": list(where)}
 
 
 def multi_hot(rows, cols, batch, K, device):
@@ -254,22 +362,23 @@ def multi_hot(rows, cols, batch, K, device):
 
 
 def train_transform(image_size, augment, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1"):
-    """SPEC section 5, the authors' `img_aug` exactly: timm's create_transform(is_training=True) with
-    RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bilinear), flip 0.5, RandAugment 'rand-m9-mstd0.5-inc1' (2 ops
-    from timm's 15 'increasing' ops, each applied with probability 0.5, magnitude ~ N(9, 0.5) on a 0-10 scale,
-    geometric ops filled with the mean colour), ImageNet normalisation, RandomErasing p 0.25 with per-pixel
-    N(0, 1) values. auto_augment: another timm policy string, or "none" for no RandAugment. Without
-    augmentation: resize + centre crop."""
+    """SPEC section 5, the authors' `img_aug` exactly, up to uint8 (the rest runs on the device,
+    normalise_and_erase): timm's create_transform(is_training=True) with RandomResizedCrop(scale 0.08-1, ratio
+    3/4-4/3, bilinear), flip 0.5, RandAugment 'rand-m9-mstd0.5-inc1' (2 ops from timm's 15 'increasing' ops, each
+    applied with probability 0.5, magnitude ~ N(9, 0.5) on a 0-10 scale, geometric ops filled with the mean
+    colour); then ImageNet normalisation and RandomErasing p 0.25 with per-pixel N(0, 1) values, whose box
+    erase_box draws here (transform.erase). auto_augment: another timm policy string, or "none" for no
+    RandAugment. Without augmentation: resize + centre crop, nothing erased."""
     from torchvision import transforms as T
     if not augment:
-        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
-                          T.Normalize(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD)])
+        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
     from timm.data import create_transform
-    return create_transform(image_size, is_training=True, scale=(min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
-                            hflip=0.5, interpolation="bilinear",
-                            auto_augment=None if auto_augment == "none" else auto_augment, color_jitter=None,
-                            mean=clip_model.IMAGENET_MEAN, std=clip_model.IMAGENET_STD,
-                            re_prob=0.25, re_mode="pixel", re_count=1)
+    transform = create_transform(image_size, is_training=True, scale=(min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
+                                 hflip=0.5, interpolation="bilinear",
+                                 auto_augment=None if auto_augment == "none" else auto_augment,
+                                 color_jitter=None, use_prefetcher=True)  # uint8 out, as timm's own prefetcher
+    transform.erase = True
+    return transform
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,6 +400,9 @@ def parse_args(argv=None):
                    help="alternative to --data: CSV with columns key,image,caption (parse_tags.py keys its rows by "
                         "the same 'key' column)")
     p.add_argument("--image-root", default=".", help="folder the CSV's image paths are relative to")
+    p.add_argument("--keep-unlisted", action="store_true",
+                   help="also train samples whose key has no row in labels.pt (contrastive loss only); by default "
+                        "they are skipped, as the authors' dataset does, and counted ('unlisted' in the log)")
     p.add_argument("--labels", required=True, help="folder with vocab.json and labels.pt from parse_tags.py")
     p.add_argument("--clip", default="ViT-B/16", help="frozen CLIP: a checkpoint path (OpenAI or open_clip) or a "
                    f"model name ({', '.join(clip_model.MODELS)})")
@@ -304,7 +416,11 @@ def parse_args(argv=None):
                         "(see the note at the end of --help)")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="learning rate at global batch 4096 (scaled linearly); a new value takes effect on --resume")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on 1-D params and biases)")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (authors: not on 1-D params and biases; the 0-d gates and "
+                        "temperatures are decayed)")
+    p.add_argument("--no-decay-scalars", action="store_true",
+                   help="exempt the 0-d gates and temperatures from weight decay too (the authors decay them)")
     p.add_argument("--grad-clip", type=float, default=5.0, help="gradient clipping at this global norm")
     p.add_argument("--dist-timeout", type=float, default=60,
                    help="minutes a process may wait in a collective for the others (torch's NCCL default is 10): "
@@ -385,12 +501,32 @@ def example_label_key(labels):
     return next(iter(keys), "<none>") if keys is not None else "<unknown>"
 
 
-def param_groups(model, weight_decay):
-    """AdamW groups (authors' config): weight decay on the >= 2-D weights (convs, proj); none on 1-D parameters
-    (biases, LayerNorm affines) and scalars (gates, temperatures). Frozen parameters are left out."""
+def param_groups(model, weight_decay, decay_scalars=True):
+    """AdamW groups, the authors' rule (their utils/optimizer.py): no weight decay on 1-D parameters (LayerNorm
+    affines, biases) and names ending in '.bias'; everything else is decayed: the convs and proj, and also the
+    0-d gates and the two log-temperatures. Decoupled decay shrinks those by lr x wd per step (5e-5 at the paper's
+    settings), pulling each gate tanh(g) towards 0 (the projector towards the identity) and each tau = exp(s)
+    towards 1 wherever their gradients do not hold them. decay_scalars=False exempts the 0-d parameters as well.
+    Frozen parameters are left out."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+    exempt = lambda n, p: p.ndim == 1 or n.endswith(".bias") or (p.ndim == 0 and not decay_scalars)
+    return [{"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0}]
+
+
+def clip_source(clip):
+    """--clip as it is recorded: a model name or URL as given, a file by its absolute path (so evaluate.py and
+    tagalign.py find it from any folder)."""
+    return clip if clip in clip_model.MODELS or "://" in clip else os.path.abspath(clip)
+
+
+def clip_identity(clip):
+    """What a resume compares: a model name or URL itself; a file by its size and SHA-256, so the same file
+    under another path is the same CLIP and another file behind the same path is not."""
+    if clip in clip_model.MODELS or "://" in clip or not os.path.isfile(clip):
+        return clip
+    with open(clip, "rb") as f:
+        return f"{os.path.getsize(clip)} bytes, sha256 {hashlib.file_digest(f, 'sha256').hexdigest()[:16]}"
 
 
 def scaled_lr(lr, global_batch):
@@ -400,7 +536,7 @@ def scaled_lr(lr, global_batch):
 
 RESUME_FIELDS = ("world", "workers", "batch", "global_batch", "seed", "shuffle_buffer", "files", "labels", "clip",
                  "precision", "tag_loss", "tag_average", "trained_terms", "loss_weights", "augmentation", "grad_clip",
-                 "image_root")
+                 "image_root", "decay_scalars", "keep_unlisted")
 # What follows the backbone, compared as resolved (a default of None or 'auto' equals what it resolved to then).
 RESOLVED_FIELDS = ("surgery_layers", "image_size", "clip_quick_gelu")
 
@@ -479,11 +615,13 @@ def train(args, rank, world, device):
                                     ("itc", args.itc_weight)) if w]
     run = {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": global_batch,
            "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
-           "labels": labels_fingerprint(args.labels), "clip": args.clip,
+           "labels": labels_fingerprint(args.labels), "clip": clip_identity(args.clip),
            "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
            "trained_terms": trained_terms, "loss_weights": [args.object_weight, args.attribute_weight, args.itc_weight],
            "augmentation": [False] if args.no_augment else [True, args.min_crop_scale, args.auto_augment],
-           "grad_clip": args.grad_clip, "image_root": os.path.abspath(args.image_root) if args.data_csv else None}
+           "grad_clip": args.grad_clip, "decay_scalars": not args.no_decay_scalars,
+           "keep_unlisted": args.keep_unlisted,
+           "image_root": os.path.abspath(args.image_root) if args.data_csv else None}
     ckpt = None
     if args.resume:
         if not os.path.isfile(ckpt_path):
@@ -496,14 +634,15 @@ def train(args, rank, world, device):
     os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    tagalign.fetch_clip_once(args.clip)  # one download per node, not one per rank
-    clip = clip_model.load(args.clip, device=device, quick_gelu=clip_model.ACTIVATIONS[args.clip_act])
+    clip_name = clip_source(args.clip)  # recorded in the checkpoint
+    tagalign.fetch_clip_once(clip_name)  # one download per node, not one per rank
+    clip = clip_model.load(clip_name, device=device, quick_gelu=clip_model.ACTIVATIONS[args.clip_act])
     # what follows the backbone: crop size (its input size), surgery blocks (its last half), projector width
     image_size = args.image_size or clip.cfg.image_resolution
     if image_size % clip.visual.patch_size:
         raise ValueError(f"--image-size {image_size} is not a multiple of the CLIP's patch size {clip.visual.patch_size}")
     raw_model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=args.surgery_layers)).to(device)
-    print0(f"CLIP {args.clip}: {clip_model.describe(clip)}; surgery on the last {raw_model.cfg.surgery_layers} "
+    print0(f"CLIP {clip_name}: {clip_model.describe(clip)}; surgery on the last {raw_model.cfg.surgery_layers} "
            f"blocks, crops of {image_size} px")
     resolved = {"surgery_layers": raw_model.cfg.surgery_layers, "image_size": image_size,
                 "clip_quick_gelu": clip.cfg.quick_gelu}
@@ -523,12 +662,12 @@ def train(args, rank, world, device):
     if not args.itc_weight:
         raw_model.logit_scale_itc.requires_grad_(False)
 
-    groups = param_groups(raw_model, args.weight_decay)
+    groups = param_groups(raw_model, args.weight_decay, not args.no_decay_scalars)
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
-    step, start, role_offset, skipped_total = 0, {}, 0, {"image": 0, "tar": 0, "member": 0}
+    step, start, role_offset, skipped_total = 0, {}, 0, dict.fromkeys(SKIPS, 0)
     if ckpt is not None:
         raw_model.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -537,7 +676,7 @@ def train(args, rank, world, device):
             group["lr"], group["weight_decay"] = lr, wd
         scaler.load_state_dict(ckpt["scaler"])
         step, start, role_offset = ckpt["step"], ckpt["data"]["start"], ckpt["data"]["role_offset"]
-        skipped_total = ckpt["data"]["skipped"]
+        skipped_total.update(ckpt["data"]["skipped"])
         random.setstate(ckpt["rng"]["python"])
         torch.random.set_rng_state(ckpt["rng"]["torch"])
         print0(f"resumed from {ckpt_path} at step {step}")
@@ -552,15 +691,14 @@ def train(args, rank, world, device):
 
     transform = train_transform(image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
     dataset = CaptionImages(files, labels, transform, rank, world, args.workers, args.shuffle_buffer, args.seed,
-                            args.image_root, start, role_offset, csv_input=bool(args.data_csv))
+                            args.image_root, start, role_offset, csv_input=bool(args.data_csv),
+                            keep_unlisted=args.keep_unlisted)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda",
                                          persistent_workers=args.workers > 0)
     batches = iter(loader)
-    # role -> records consumed, for the checkpoint: this rank's roles only (rank * workers + w). A copy of every
-    # role would send the others' stale resume positions to the next save, and overwrite their real ones there.
-    consumed = {r: n for r, n in start.items() if r // dataset.workers == rank}
-    worker_skipped = {}  # role -> that worker's skip counters since this (re)start
+    positions = StreamPositions(start, rank, dataset.workers)
+    erase_noise = torch.Generator(device)  # reseeded per erased sample (normalise_and_erase)
     micro_batches = step * accum  # batches this rank has taken from loaders since the run began (sets role_offset)
 
     log = open(os.path.join(args.out, "log.txt"), "a", encoding="utf-8") if master else None
@@ -575,20 +713,20 @@ def train(args, rank, world, device):
 
     def save():
         gathered = [None] * world
-        state = {"consumed": consumed, "skipped": worker_skipped}
+        state = {"roles": positions.roles, "skipped": positions.skipped}
         if world > 1:
             dist.all_gather_object(gathered, state)
         else:
             gathered = [state]
         if not master:
             return
-        all_consumed = {r: n for g in gathered for r, n in g["consumed"].items()}  # disjoint: each rank's roles
+        all_roles = {r: s for g in gathered for r, s in g["roles"].items()}  # disjoint: each rank's roles
         total_skipped = {k: skipped_total[k] + sum(s[k] for g in gathered for s in g["skipped"].values())
                          for k in skipped_total}
         tagalign.save_checkpoint(
-            ckpt_path, raw_model, args.clip, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+            ckpt_path, raw_model, clip_name, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
             rng={"python": random.getstate(), "torch": torch.random.get_rng_state()}, args=vars(args),
-            data={**run, "start": all_consumed, "role_offset": micro_batches % max(args.workers, 1),
+            data={**run, "start": all_roles, "role_offset": micro_batches % max(args.workers, 1),
                   "skipped": total_skipped})
 
     # Since the last check, on the device: per micro-step "loss finite", per step "gradient norm finite"; on the
@@ -631,9 +769,8 @@ def train(args, rank, world, device):
         step_batches = [next(batches) for _ in range(accum)]  # all of the step: the tag losses average over them
         for b in step_batches:
             micro_batches += 1
-            for r, pos, s in zip(b["roles"], b["positions"], b["skipped"]):
-                consumed[r] = max(consumed.get(r, 0), pos)
-                worker_skipped[r] = s
+            for where in b["where"]:
+                positions.update(where)
             seen["samples"] += len(b["keys"])
             seen["found"] += b["n_found"]
             seen["tagged"] += b["n_tagged"]
@@ -654,7 +791,7 @@ def train(args, rank, world, device):
         else:  # the authors' average over every image of the step
             tag_counts = (global_batch, global_batch)
         for micro, b in enumerate(step_batches):
-            images = b["images"].to(device, non_blocking=True)
+            images = normalise_and_erase(b["images"].to(device, non_blocking=True), b["boxes"], erase_noise)
             sync = micro == accum - 1 or world == 1
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -692,8 +829,8 @@ def train(args, rank, world, device):
             check_finite()  # before anything is logged or saved
         if log_now:
             losses = torch.stack([sums[k] if k in sums else torch.zeros((), device=device) for k in ("obj", "attr", "itc")])
-            counts = torch.tensor([float(seen[k]) for k in seen] + [float(sum(s[k] for s in worker_skipped.values()))
-                                                                    for k in skipped_total], dtype=torch.float64)
+            counts = torch.tensor([float(seen[k]) for k in seen] + [
+                float(sum(s[k] for s in positions.skipped.values())) for k in skipped_total], dtype=torch.float64)
             losses, counts = tagalign.all_reduce_sum(losses), tagalign.all_reduce_sum(counts)
             losses = (losses / world / logged_steps).tolist()  # steps since the last log line (or the resume)
             shown = [f"{v:.4f}" if k in sums else "off" for k, v in zip(("obj", "attr", "itc"), losses)]
@@ -706,7 +843,7 @@ def train(args, rank, world, device):
                     f"tau_tag {tau_tag.item():.2f} tau_itc {tau_itc.item():.2f} lr {optimizer.param_groups[0]['lr']:.3g} "
                     f"img/s {rate:.1f} gpu_mem {mem:.2f}GiB tagged {100 * tagged / max(samples, 1):.1f}% "
                     f"found {100 * found / max(samples, 1):.1f}% skipped img {skipped_now['image']} "
-                    f"tar {skipped_now['tar']} member {skipped_now['member']}")
+                    f"tar {skipped_now['tar']} member {skipped_now['member']} unlisted {skipped_now['unlisted']}")
             print0(line)
             if master:
                 log.write(line + "\n")

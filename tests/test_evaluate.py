@@ -588,7 +588,7 @@ def test_refcoco_text_query_is_the_expression_itself(tmp_path, monkeypatch, caps
     tokenize, init_distributed = clip_model.tokenize, tagalign.init_distributed
     recording = lambda texts, *a, **k: prompts.extend(texts) or tokenize(texts, *a, **k)
     monkeypatch.setattr(clip_model, "tokenize", recording)
-    monkeypatch.setattr(tagalign, "init_distributed", lambda: inits.append(1) or init_distributed())
+    monkeypatch.setattr(tagalign, "init_distributed", lambda minutes: inits.append(1) or init_distributed(minutes))
     results = evaluate.main(["--dataset", "refcoco", "--data-root", str(root), "--clip", str(tmp_path / "clip.pt"),
                              "--short-side", "64", "--window", "64", "--out", str(tmp_path / "out"), "--no-progress"])
     assert prompts == ["Yellow square", "the yellow one", "MAGENTA box"]  # val's two, then testA's one
@@ -836,6 +836,23 @@ def test_a_failed_run_ends_the_process_group_without_the_final_barrier(compared,
         evaluate.main(["--clip", str(root / "clip.pt"), "--dataset", "folder", "--data-root", str(root),
                        "--window", "64", "--short-side", "64", "--out", str(root / "failed")])
     assert ended == [False]
+
+
+def test_the_collective_timeout_reaches_init_distributed(compared, monkeypatch):
+    """evaluate.py --dist-timeout (default 60 minutes, NCCL's own is 10): rank 0 may download a CLIP while the
+    other ranks of its node wait in a barrier."""
+    seen = []
+
+    def fake_init(timeout_minutes=None):
+        seen.append(timeout_minutes)
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(tagalign, "init_distributed", fake_init)
+    root = compared.root
+    argv = ["--clip", str(root / "clip.pt"), "--dataset", "folder", "--data-root", str(root), "--window", "64"]
+    for extra, minutes in (([], 60), (["--dist-timeout", "90"], 90)):
+        with pytest.raises(SystemExit, match="stop here"):
+            evaluate.main(argv + extra)
+        assert seen[-1] == minutes
 
 
 def test_tagalign_alone_without_checkpoint_is_labelled_untrained_and_a_limited_run_is_marked(compared):

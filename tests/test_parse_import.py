@@ -33,11 +33,13 @@ SHARDS = [  # (key, url) per shard; None: the sample's .json has no url
     [("000010000", URL["c"]), ("000010001", URL["d"]), ("000010002", URL["f"]), ("000010003", URL["g"]),
      ("000010005", None)],
 ]
-# by hand: the tag indices of each sample (sorted, each once) and the counts they add up to
-EXPECTED = {"000000000": [0, 1], "000000001": [2], "000000002": [], "000000003": [1, 2], "000010000": [0, 3],
-            "000010001": [], "000010002": [1], "000010003": [1, 2], "000010005": []}
+# by hand: the tag indices of each sample (sorted, each once) and the counts they add up to; None: no row (the
+# URL is not a key of the index, or there is no URL), as the authors' dataset skips such samples
+EXPECTED = {"000000000": [0, 1], "000000001": [2], "000000002": None, "000000003": [1, 2], "000010000": [0, 3],
+            "000010001": [], "000010002": [1], "000010003": [1, 2], "000010005": None}
 EXPECTED_COUNTS = [2, 4, 3, 1, 0]
-EXPECTED_REPORT = {"tags": 5, "index_urls": 7, "index_urls_found": 6, "samples": 9, "samples_without_tags": 3,
+EXPECTED_REPORT = {"tags": 5, "index_urls": 7, "index_urls_found": 6, "samples": 7, "samples_without_tags": 1,
+                   "samples_not_in_index": 2,
                    "samples_without_url": 1, "tags_without_samples": 1, "index_entries_out_of_range": 0,
                    "duplicate_keys": 0, "bad_shards": 0, "index_range": [0, 4],
                    "tags_not_in_index": 0, "index_entries_at_K": 0, "found_urls_listed_twice": 0,
@@ -84,7 +86,7 @@ def write_fixture(folder, csv_shape="one column, header", index_style="pretty", 
 
 def decoded(out):
     table = parse_tags.LabelTable(os.path.join(out, "labels.pt"))
-    return table, {key: table.get(key)[0].tolist() for key in EXPECTED}
+    return table, {key: table.get(key)[0].tolist() if table.get(key) else None for key in EXPECTED}
 
 
 def no_bad_shards(path, error):
@@ -98,11 +100,11 @@ def test_labels_are_the_hand_written_ones(tmp_path, csv_shape, index_style):
     assert {k: report[k] for k in EXPECTED_REPORT} == EXPECTED_REPORT
     table, labels = decoded(tmp_path / "out")
     assert labels == EXPECTED
-    assert table.numeric and len(table) == 9 and table.get("000010004") is None
+    assert table.numeric and len(table) == 7 and table.get("000010004") is None
     assert table.tags == {"objects": NAMES, "attributes": []}
     vocab = json.load(open(tmp_path / "out" / "vocab.json", encoding="utf-8"))
-    assert vocab == {"objects": [{"tag": t, "count": c, "freq": c / 9} for t, c in zip(NAMES, EXPECTED_COUNTS)],
-                     "attributes": [], "num_samples": 9}
+    assert vocab == {"objects": [{"tag": t, "count": c, "freq": c / 7} for t, c in zip(NAMES, EXPECTED_COUNTS)],
+                     "attributes": [], "num_samples": 7}
     assert table.get("000000000")[1].numel() == 0  # attributes: none released
 
 
@@ -322,8 +324,9 @@ def test_an_unreadable_json_member_loses_only_its_sample(tmp_path, monkeypatch):
     assert opened and all(name.endswith(".json") for name in opened)
     assert len(bad) == 1 and bad[0][0] == str(tmp_path / "damaged.tar")
     assert "1 unreadable .json member(s), e.g. 000000001.json: JSONDecodeError" in bad[0][1]
-    assert report["samples_with_unreadable_metadata"] == 1 and report["bad_shards"] == 0 and report["samples"] == 9
-    assert decoded(tmp_path / "out")[1] == dict(EXPECTED, **{"000000001": []})  # the samples after it: all there
+    assert report["samples_with_unreadable_metadata"] == 1 and report["bad_shards"] == 0 and report["samples"] == 6
+    assert report["samples_not_in_index"] == 3  # its URL is lost: like a URL the index does not list
+    assert decoded(tmp_path / "out")[1] == dict(EXPECTED, **{"000000001": None})  # the samples after it: all there
 
 
 def test_keys_that_are_not_img2datasets_and_a_shard_listed_twice(tmp_path):
@@ -333,10 +336,10 @@ def test_keys_that_are_not_img2datasets_and_a_shard_listed_twice(tmp_path):
     write_shard(tmp_path / "extra.tar", [("x/extra", URL["e"])])
     report = parse_tags.import_tags(tags, index, shards + [str(tmp_path / "extra.tar"), shards[0]],
                                     str(tmp_path / "out"), no_bad_shards)
-    assert report["duplicate_keys"] == 4 and report["samples"] == 10 and report["index_urls_found"] == 7
-    table = parse_tags.LabelTable(str(tmp_path / "out" / "labels.pt"))
-    assert not table.numeric and len(table) == 10
-    assert {key: table.get(key)[0].tolist() for key in EXPECTED} == EXPECTED and table.get("x/extra")[0].tolist() == [1, 4]
+    assert report["duplicate_keys"] == 4 and report["samples"] == 8 and report["index_urls_found"] == 7
+    table, labels = decoded(tmp_path / "out")
+    assert not table.numeric and len(table) == 8
+    assert labels == EXPECTED and table.get("x/extra")[0].tolist() == [1, 4]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="pyarrow (test-only reference) not installed")
@@ -356,14 +359,14 @@ def test_parquet_beside_the_tar_is_read_instead_of_its_members(tmp_path):
                        tmp_path / f"{i:05d}.parquet")
         shards.append(str(tmp_path / f"{i:05d}.tar"))
     report = parse_tags.import_tags(tags, index, shards, str(tmp_path / "out"), no_bad_shards)
-    assert report["not_success_skipped"] == 2 and report["samples"] == 9 and report["index_urls_found"] == 6
+    assert report["not_success_skipped"] == 2 and report["samples"] == 7 and report["index_urls_found"] == 6
     assert decoded(tmp_path / "out")[1] == EXPECTED
     # a damaged parquet file: named, and the tar's own .json members are read instead (here: the wrong URLs)
     (tmp_path / "00001.parquet").write_bytes(b"PAR1 truncated")
     bad = []
     report = parse_tags.import_tags(tags, index, shards, str(tmp_path / "out"), lambda *a: bad.append(a))
     assert [path for path, _ in bad] == [str(tmp_path / "00001.parquet")] and "00001.tar instead" in bad[0][1]
-    assert report["parquet_files_not_used"] == 1 and report["bad_shards"] == 0 and report["samples"] == 9
+    assert report["parquet_files_not_used"] == 1 and report["bad_shards"] == 0 and report["samples"] == 4
     assert report["index_urls_found"] == 4  # a, b, g of shard 0 (its parquet); of shard 1's tar only c (first)
     # a parquet file of another shard (an old download's, say): named, and the tar is read instead
     (tmp_path / "00001.parquet").write_bytes((tmp_path / "00000.parquet").read_bytes())
@@ -375,8 +378,9 @@ def test_parquet_beside_the_tar_is_read_instead_of_its_members(tmp_path):
 
 
 def test_command_line_and_train_on_the_imported_tags(tmp_path, monkeypatch, capsys):
-    """`parse_tags.py import` prints its report; train.py then trains on the labels: 6 of the 8 samples of the
-    shard have tags (two URLs are not in the index), and every key is found."""
+    """`parse_tags.py import` prints its report; train.py then trains on the labels: the 7 samples whose URL the
+    index lists (6 with tags, d's list is empty), the eighth (z) skipped as unlisted, as the authors' dataset
+    does."""
     import torch
     from conftest import TINY, random_state_dict
     tags, index, _ = write_fixture(tmp_path, shards=[])
@@ -389,13 +393,15 @@ def test_command_line_and_train_on_the_imported_tags(tmp_path, monkeypatch, caps
     parse_tags.main()
     printed = capsys.readouterr()
     report = json.loads(printed.out)
-    assert report["samples"] == 8 and report["samples_without_tags"] == 2 and report["index_urls_found"] == 7
-    assert "7 of 7 index URLs found in the shards (100.0%); 8 shard samples, 2 without tags (25.0%)" in printed.err
+    assert report["samples"] == 7 and report["samples_without_tags"] == 1 and report["index_urls_found"] == 7
+    assert report["samples_not_in_index"] == 1
+    assert ("7 of 7 index URLs found in the shards (100.0%); 7 shard samples listed, 1 of them with an empty list "
+            "(14.29%)") in printed.err and "1 samples not in the index get no row" in printed.err
     torch.save(random_state_dict(TINY, seed=2), tmp_path / "clip.pt")
     train.main(base_args(tmp_path, tmp_path / "run", **{"--data": tmp_path / "00000.tar", "--labels": out,
-                                                        "--batch-size": 8, "--steps": 1}))
+                                                        "--batch-size": 7, "--steps": 1}))
     line = open(tmp_path / "run" / "log.txt").read().splitlines()[-1]
-    assert " tagged 75.0% found 100.0% " in line, line
+    assert " tagged 85.7% found 100.0% " in line and line.endswith(" unlisted 1"), line
     assert os.path.isfile(tmp_path / "run" / "ckpt.pt")
 
 

@@ -326,26 +326,41 @@ def test_pamr_matches_transcription():
 
 
 def test_pamr_refines_each_window_on_its_patch_grid(tiny_clip):
-    """TCL's placement, which TagAlign's "+PAMR" numbers follow: inside each window, on the (h, w) map with the
-    window's image shrunk to h x w (bilinear, align_corners=True), before the upsampling and the averaging. One
-    window covering the image, checked against the pixel-by-pixel transcription; the former placement (once, on
-    the whole image at full resolution, dilations in pixels) gives other scores."""
-    model = make_model(tiny_clip, gate=0.5)
+    """TCL's placement, which TagAlign's "+PAMR" numbers follow: inside each window, on TagAlign's own (h, w) map
+    with the window's image shrunk to h x w (bilinear, align_corners=True), before the CLIP term of Eq. 8 is added,
+    the upsampling and the averaging. One window covering the image, a = 0.5, gates 0.8: the scores equal the
+    upsampled 0.5 pamr(P_tag) + 0.5 P_clip, the pixel-by-pixel transcription of PAMR hand-mixed. PAMR on the
+    blend, and PAMR once on the whole image at full resolution, both give other scores."""
+    model = make_model(tiny_clip, gate=0.8)
     text = F.normalize(torch.randn(3, 64), dim=-1)
     image = torch.rand(3, 48, 96)  # -> 64 x 128: one window, a 4 x 8 patch grid
     _, scores = tagalign.segment(model.dense_features, image, text, window=128, stride=64, short_side=64,
-                                 use_pamr=True)
+                                 use_pamr=True, clip_weight=0.5)
     m, s = torch.tensor(clip_model.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(clip_model.IMAGENET_STD).view(1, 3, 1, 1)
     x = (tagalign.resize_short_side(image[None], 64) - m) / s
     with torch.no_grad():
-        grid = tagalign.window_scores(*model.dense_features(x), text)  # (1, 3, 4, 8)
+        f_tag, f_clip = model.dense_features(x)  # (1, 4, 8, 64) each
+    prob = lambda f: (30 * F.normalize(f, dim=-1) @ text.t()).softmax(-1).permute(0, 3, 1, 2)  # (1, 3, 4, 8)
+    p_tag, p_clip = prob(f_tag), prob(f_clip)
+    assert (p_tag - p_clip).abs().max() > 0.05  # the two branches really differ
     small = F.interpolate(x, size=(4, 8), mode="bilinear", align_corners=True)[0]
-    refined = pamr_transcribed(small.double(), grid[0].double()).float()[None]
-    expected = F.interpolate(F.interpolate(refined, size=(64, 128), mode="bilinear"), size=(48, 96), mode="bilinear")
-    assert torch.allclose(scores, expected[0], atol=1e-5)
-    former = tagalign.pamr(x, F.interpolate(grid, size=(64, 128), mode="bilinear"))
+    refined = pamr_transcribed(small.double(), p_tag[0].double()).float()[None]
+    up = lambda g: F.interpolate(F.interpolate(g, size=(64, 128), mode="bilinear"), size=(48, 96), mode="bilinear")
+    expected = up(0.5 * refined + 0.5 * p_clip)[0]
+    assert torch.allclose(scores, expected, atol=1e-5)
+    blend = 0.5 * p_tag + 0.5 * p_clip
+    on_blend = up(pamr_transcribed(small.double(), blend[0].double()).float()[None])[0]
+    assert (scores - on_blend).abs().max() > 1e-2
+    former = tagalign.pamr(x, F.interpolate(blend, size=(64, 128), mode="bilinear"))
     former = F.interpolate(former, size=(48, 96), mode="bilinear")[0]
     assert (scores - former).abs().max() > 1e-2
+    # a baseline's PAMR refines its own whole map (it has no separate CLIP term)
+    naclip = tagalign.feature_fn(model, "naclip")
+    _, base = tagalign.segment(naclip, image, text, window=128, stride=64, short_side=64, use_pamr=True)
+    with torch.no_grad():
+        own = prob(naclip(x)[0])
+    own = up(pamr_transcribed(small.double(), own[0].double()).float()[None])[0]
+    assert torch.allclose(base, own, atol=1e-5)
     # several overlapping windows: batched and one at a time agree with PAMR inside
     kw = dict(window=64, stride=32, short_side=64, use_pamr=True)
     wide = torch.rand(3, 70, 150)  # 4 windows
@@ -668,3 +683,20 @@ def test_projector_and_surgery_follow_an_l14_backbone():
         f, _ = model.dense_features(x)
         assert f.shape == (1, 4, 6, 768)
         assert torch.allclose(f, tagalign.baseline_features(clip, x, "surgery"), atol=1e-5)
+
+
+def test_the_model_file_imports_without_the_figure_helpers(tmp_path):
+    """tagalign.py copied out with clip_model.py alone (no figures.py): it imports and segments; only the heatmap
+    command needs the drawing helpers."""
+    import shutil
+    for name in ("tagalign.py", "clip_model.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    code = ("import sys, torch, clip_model, tagalign; assert 'figures' not in sys.modules; "
+            "cfg = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, "
+            "vision_patch_size=16, transformer_width=32, transformer_heads=1, transformer_layers=1); "
+            "m = tagalign.TagAlign(clip_model.CLIP(cfg)).eval(); "
+            "labels, _ = tagalign.segment(tagalign.feature_fn(m), torch.rand(3, 40, 50), "
+            "torch.nn.functional.normalize(torch.randn(2, 32), dim=-1), window=32, stride=16, short_side=32); "
+            "print(tuple(labels.shape))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "(40, 50)", run.stderr[-2000:]

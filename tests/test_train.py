@@ -272,7 +272,7 @@ def test_two_processes_resumed_twice_continue_exactly(setup, tmp_path):
     straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
     resumed = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=False)
     assert resumed["step"] == 4 and resumed["data"]["start"] == straight["data"]["start"]
-    assert sorted(straight["data"]["start"]) == [0, 1, 2, 3] and sum(straight["data"]["start"].values()) == 16
+    assert sorted(straight["data"]["start"]) == [0, 1, 2, 3] and sum(s["position"] for s in straight["data"]["start"].values()) == 16
     assert_same(resumed["model"], straight["model"], atol=1e-6)
 
 
@@ -289,17 +289,25 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(setup, tmp_path):
 def test_labels_that_match_no_sample_stop_with_both_keys(setup, tmp_path):
     items = [(f"x{i}", None, f"a red circle {i}") for i in range(4)]
     write_labels(str(tmp_path / "other"), items)
-    with pytest.raises(ValueError, match=r"data keys look like '0000000\d\d', labels.pt keys like 'x\d'"):
-        train.main(base_args(setup, tmp_path / "run", **{"--labels": tmp_path / "other"}))
+    for extra in ([], ["--keep-unlisted"]):  # a whole pass skipped as unlisted; kept: the first step's check
+        with pytest.raises(ValueError, match=r"data keys look like '0000000\d\d', labels.pt keys like 'x\d'"):
+            train.main(base_args(setup, tmp_path / "run", **{"--labels": tmp_path / "other"}) + extra)
 
 
-def test_share_of_tagged_and_found_samples_is_logged(setup, tmp_path):
+def test_samples_without_a_labels_row_are_skipped_and_counted(setup, tmp_path):
+    """The authors' dataset trains only samples its index lists: by default a key without a row in labels.pt is
+    skipped, before the shuffle buffer, and counted as unlisted; --keep-unlisted trains them (ITC only)."""
     items = samples(16)
-    write_labels(str(tmp_path / "half"), items[::2], untagged={"000000002"})  # 8 keys found, 7 with tags
-    train.main(base_args(setup, tmp_path / "run", **{"--labels": tmp_path / "half", "--batch-size": 16,
-                                                     "--steps": 1}))
+    write_labels(str(tmp_path / "half"), items[::2], untagged={"000000002"})  # 8 keys listed, 7 with tags
+    kw = {"--labels": tmp_path / "half", "--batch-size": 8, "--steps": 1}
+    train.main(base_args(setup, tmp_path / "run", **kw))
     line = open(tmp_path / "run" / "log.txt").read().splitlines()[-1]
-    assert " tagged 43.8% found 50.0% " in line, line  # 7 / 16 and 8 / 16
+    assert " tagged 87.5% found 100.0% " in line and line.endswith(" unlisted 8"), line  # 7 / 8, 8 unlisted
+    train.main(base_args(setup, tmp_path / "kept", **{**kw, "--batch-size": 16}) + ["--keep-unlisted"])
+    line = open(tmp_path / "kept" / "log.txt").read().splitlines()[-1]
+    assert " tagged 43.8% found 50.0% " in line and line.endswith(" unlisted 0"), line  # 7 / 16 and 8 / 16
+    with pytest.raises(ValueError, match="'keep_unlisted' differs"):
+        train.main(base_args(setup, tmp_path / "run", **{**kw, "--steps": 2}) + ["--keep-unlisted", "--resume"])
 
 
 def test_resume_refuses_a_changed_run_and_applies_a_new_lr(setup, tmp_path):
@@ -345,23 +353,36 @@ def test_resume_does_not_count_skipped_input_twice(setup, tmp_path):
         return [l for l in open(out / "log.txt").read().splitlines() if l.startswith("step")][-1].split("skipped ")[1]
     train.main(base_args(setup, tmp_path / "straight", **kw, **{"--steps": 4}))
     train.main(base_args(setup, tmp_path / "resumed", **kw, **{"--steps": 2}))
-    assert last(tmp_path / "resumed") == "img 0 tar 1 member 1"  # the cut was read ahead before the checkpoint
+    assert last(tmp_path / "resumed") == "img 0 tar 1 member 1 unlisted 0"  # the cut was read ahead before the checkpoint
     train.main(base_args(setup, tmp_path / "resumed", **kw, **{"--steps": 4}) + ["--resume"])
     assert last(tmp_path / "resumed") == last(tmp_path / "straight")
 
 
 def test_optimizer_groups_and_lr_scaling(tiny_model):
+    """The authors' rule: only 1-D parameters and '.bias' names are exempt, so the 0-d gates and temperatures
+    are decayed; decay_scalars=False exempts them too."""
     model = tagalign.TagAlign(tiny_model)
     model.logit_scale_itc.requires_grad_(False)
-    decay, no_decay = train.param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
+    weights = [f"projector.blocks.{b}.{i}.conv.weight" for b in range(2) for i in range(2)] + ["proj"]
+    scalars = [f"projector.blocks.{b}.{i}.gate" for b in range(2) for i in range(2)] + ["logit_scale_tag"]
+    one_d = [f"projector.blocks.{b}.{i}.{w}" for b in range(2) for i in range(2)
+             for w in ("norm.weight", "norm.bias", "conv.bias")] + ["ln_post.weight", "ln_post.bias"]
+    decay, no_decay = train.param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert sorted(names[id(p)] for p in decay["params"]) == sorted(
-        [f"projector.blocks.{b}.{i}.conv.weight" for b in range(2) for i in range(2)] + ["proj"])
-    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
-        [f"projector.blocks.{b}.{i}.{w}" for b in range(2) for i in range(2)
-         for w in ("norm.weight", "norm.bias", "conv.bias", "gate")] + ["ln_post.weight", "ln_post.bias",
-                                                                         "logit_scale_tag"])
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(weights + scalars)
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(one_d)
+    decay, no_decay = train.param_groups(model, 0.05, decay_scalars=False)
+    assert sorted(names[id(p)] for p in decay["params"]) == sorted(weights)
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(one_d + scalars)
+    # one AdamW step with a zero gradient: a decayed scalar shrinks by lr x wd, an exempt one stays
+    tau = model.logit_scale_tag.detach().clone()
+    decay, no_decay = train.param_groups(model, 0.05)
+    opt = torch.optim.AdamW([decay, no_decay], lr=0.1, eps=1e-6)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    assert torch.allclose(model.logit_scale_tag.detach(), tau * (1 - 0.1 * 0.05))
     assert train.scaled_lr(1e-3, 8 * 512) == 1e-3 and train.scaled_lr(1e-3, 1024) == 2.5e-4
 
 
@@ -389,7 +410,9 @@ def test_accumulation_gradient_is_the_formula(setup, tmp_path, monkeypatch, aver
     transform = train.train_transform(64, False)
     from PIL import Image
     items = samples(4)  # shuffle buffer 1, no workers: the first 4 records in file order
-    images = torch.stack([transform(Image.open(io.BytesIO(img)).convert("RGB")) for _, img, _ in items])
+    from torchvision.transforms import Normalize
+    crops = torch.stack([transform(Image.open(io.BytesIO(img)).convert("RGB")) for _, img, _ in items])  # uint8
+    images = Normalize(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD)(crops.float() / 255)
     tokens = clip_model.tokenize([c for _, _, c in items])
     _, z = model(images)
     t = model.encode_text(tokens)
@@ -428,8 +451,7 @@ def test_augmentation_is_the_authors_policy_at_its_strength():
     ra = transform.transforms[kinds.index("RandAugment")]
     assert ra.num_layers == 2 and sorted(op.name for op in ra.ops) == sorted(TIMM_INCREASING)
     assert all(op.prob == 0.5 and op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
-    erase = transform.transforms[kinds.index("RandomErasing")]
-    assert erase.probability == 0.25 and erase.mode == "pixel" and erase.max_count == 1
+    assert kinds[-1] == "MaybePILToTensor" and getattr(transform, "erase", False)  # uint8 out, erased later
     ops = {op.name: op for op in ra.ops}
     for op in ops.values():  # exactly magnitude 9, always applied
         op.prob, op.magnitude_std = 1.0, 0.0
@@ -464,12 +486,41 @@ def test_augmentation_is_the_authors_policy_at_its_strength():
     unchanged = sum(v == 100 for v in values) / len(values)
     assert 0.42 < unchanged < 0.58, unchanged
     assert len(set(values) - {100, 181, 19}) > 5  # the noise moves the strength
-    # pixel-mode erasing: per-pixel N(0, 1) values, not zeros
-    erase.probability = 1.0
-    with train.seeded(3):
-        x = erase(torch.zeros(3, 224, 224))
-    hole = x[x != 0]
-    assert hole.numel() > 0.02 * x.numel() and abs(hole.std().item() - 1) < 0.05
+
+
+def test_uint8_pipeline_with_device_erasing_is_timms_float_pipeline():
+    """The workers ship uint8 crops and an erase box; normalise_and_erase finishes on the device. Against timm's
+    own float pipeline (ToTensor, Normalize, RandomErasing p 0.25 pixel mode: the authors' img_aug) under the same
+    seeds: the same pixels everywhere outside the box, the same box (where timm's values differ), timm's share of
+    erased images, and N(0, 1) noise inside."""
+    from PIL import Image
+    from timm.data import create_transform
+    timm_float = create_transform(64, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                                  interpolation="bilinear", auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None,
+                                  mean=clip_model.IMAGENET_MEAN, std=clip_model.IMAGENET_STD, re_prob=0.25,
+                                  re_mode="pixel", re_count=1)
+    ours = train.train_transform(64, True)
+    img = Image.open(io.BytesIO(jpeg("red", "circle", 1))).convert("RGB")
+    erased, noise = 0, []
+    for seed in range(120):
+        with train.seeded(seed):
+            want = timm_float(img)
+        with train.seeded(seed):
+            crop = ours(img)
+            box = train.erase_box(64, 64)
+        assert crop.dtype == torch.uint8
+        got = train.normalise_and_erase(crop[None], torch.tensor([[*box, seed]]), torch.Generator())[0]
+        top, left, h, w = box
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[top:top + h, left:left + w] = True
+        assert torch.allclose(got[:, ~inside], want[:, ~inside], atol=1e-6)
+        plain = train.normalise_and_erase(crop[None], torch.zeros(1, 5, dtype=torch.long), None)[0]
+        assert torch.equal((plain != want).any(0), inside)  # timm erased exactly our box
+        erased += h > 0
+        noise.append(got[:, inside].flatten())
+    assert 0.15 < erased / 120 < 0.35, erased
+    noise = torch.cat(noise)
+    assert noise.numel() > 1000 and abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1
 
 
 def test_augmentation_is_seeded_per_sample():
@@ -562,3 +613,83 @@ def test_a_patch_14_backbone_trains_and_segments_with_its_own_defaults(setup, tm
     with pytest.raises(SystemExit, match="--window 100 is not a multiple of the CLIP's patch size 14; use 98 or 112"):
         tagalign.main(["--checkpoint", str(tmp_path / "run" / "ckpt.pt"), "--image", str(tmp_path / "photo.png"),
                        "--queries", "circle", "--window", "100", "--device", "cpu"])
+
+
+def test_a_resume_reads_only_the_shuffle_buffer_at_any_step(setup, tmp_path, monkeypatch):
+    """Constant-time resume: the bytes a resumed stream reads before its first sample (the records still in the
+    shuffle buffer, then the next record) do not grow with the step, while the records consumed do."""
+    items = samples(64, offset=300)
+    write_shard(tmp_path / "big.tar", items)
+    write_labels(str(tmp_path / "labels"), items)
+    kw = {"--data": tmp_path / "big.tar", "--labels": tmp_path / "labels", "--shuffle-buffer": 4,
+          "--batch-size": 4, "--no-augment": ""}
+    read = []
+
+    def counting_open(path, mode="r", *a, **k):
+        f = open(path, mode, *a, **k)
+        if "b" in mode:
+            real = f.read
+            f.read = lambda n=-1: read.append(len(data := real(n))) or data
+        return f
+    skip_phase = {}
+    for steps in (2, 14):
+        out = tmp_path / f"run{steps}"
+        train.main([a for a in base_args(setup, out, **kw, **{"--steps": steps}) if a != ""])
+        ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+        labels = parse_tags.LabelTable(str(tmp_path / "labels" / "labels.pt"))
+        data = train.CaptionImages(ckpt["data"]["files"], labels, train.train_transform(64, False),
+                                   shuffle_buffer=4, start=ckpt["data"]["start"])
+        monkeypatch.setattr(train, "open", counting_open, raising=False)
+        read.clear()
+        first = next(iter(data))
+        skip_phase[steps] = sum(read)
+        monkeypatch.undo()
+        assert ckpt["data"]["start"][0]["position"] == 4 * steps and first[5] in {k for k, _, _ in items}
+    record = os.path.getsize(tmp_path / "big.tar") / 64
+    # the old resume re-read all 56 consumed records; this one the buffer's 4 and the next (in 10 KiB reads)
+    assert skip_phase[14] <= 1.3 * skip_phase[2] and skip_phase[14] < 56 * record / 3, (skip_phase, record)
+
+
+def test_records_restart_at_their_byte_offsets(tmp_path):
+    """tar (plain: seeked; gzip: decompressed from the start and passed over) and CSV (quoted commas and
+    newlines): the records read from any record's start offset are the tail of the whole list."""
+    import gzip
+    items = samples(5, offset=400)
+    write_shard(tmp_path / "a.tar", items)
+    with open(tmp_path / "a.tar", "rb") as f, gzip.open(tmp_path / "a.tar.gz", "wb") as g:
+        g.write(f.read())
+    skipped = dict.fromkeys(train.SKIPS, 0)
+    for name in ("a.tar", "a.tar.gz"):
+        whole = list(train.tar_records(str(tmp_path / name), skipped))
+        assert [(k, i, c) for k, i, c, _, _ in whole] == items
+        assert [r[4] for r in whole[:-1]] == [r[3] for r in whole[1:]] and whole[-1][4] is None
+        for n, rec in enumerate(whole):
+            assert list(train.tar_records(str(tmp_path / name), skipped, rec[3])) == whole[n:]
+    (tmp_path / "p.csv").write_bytes('key,image,caption\n1,a.jpg,"red, round\nthing"\n\n2,b.jpg,plain\n'
+                                     '3,c.jpg,"say ""hi"""\n'.encode())
+    whole = list(train.csv_records(str(tmp_path / "p.csv"), "root"))
+    assert [(k, i, c) for k, i, c, _, _ in whole] == [
+        ("1", os.path.join("root", "a.jpg"), "red, round\nthing"), ("2", os.path.join("root", "b.jpg"), "plain"),
+        ("3", os.path.join("root", "c.jpg"), 'say "hi"')]
+    for n, rec in enumerate(whole):
+        assert list(train.csv_records(str(tmp_path / "p.csv"), "root", rec[3])) == whole[n:]
+    assert skipped == dict.fromkeys(train.SKIPS, 0)
+
+
+def test_the_clip_is_recorded_by_absolute_path_and_compared_by_content(setup, tmp_path, monkeypatch):
+    """--clip as typed (a relative path) is recorded absolute, so the checkpoint loads from another folder; a
+    resume accepts the same file under another path and refuses another file behind the same path."""
+    import shutil
+    os.makedirs(tmp_path / "copy")
+    shutil.copy(setup / "clip.pt", tmp_path / "c.pt")
+    shutil.copy(setup / "clip.pt", tmp_path / "copy" / "c.pt")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    train.main(base_args(setup, out, **{"--clip": "c.pt", "--steps": 1}))
+    assert torch.load(out / "ckpt.pt", weights_only=False)["clip"] == str(tmp_path / "c.pt")
+    monkeypatch.chdir(setup)
+    assert tagalign.load_checkpoint(str(out / "ckpt.pt")).clip.cfg.vision_width == TINY.vision_width
+    train.main(base_args(setup, out, **{"--clip": tmp_path / "copy" / "c.pt", "--steps": 2}) + ["--resume"])
+    torch.save(random_state_dict(TINY, seed=3), tmp_path / "copy" / "c.pt")
+    with pytest.raises(ValueError, match="'clip' differs"):
+        train.main(base_args(setup, out, **{"--clip": tmp_path / "copy" / "c.pt", "--steps": 3}) + ["--resume"])
