@@ -249,21 +249,47 @@ class CaptionImages(torch.utils.data.IterableDataset):
     def decode(self, item, skipped):
         from PIL import Image
         (epoch, _, _), _, key, image, caption = item
-        try:
-            img = Image.open(io.BytesIO(open(image, "rb").read() if isinstance(image, str) else image))
-            img.load()  # a full decode: truncated files fail here
-            img = img if img.mode == "RGB" else img.convert("RGB")
-        except Exception:
-            skipped["image"] += 1
-            return None
+        crop, augment = self.transform
         with seeded(stable_seed(self.seed, "augment", key, epoch)):  # the same augmentation at any world size
-            x = self.transform(img)  # (3, S, S) uint8
-            box = erase_box(*x.shape[1:]) if getattr(self.transform, "erase", False) else (0, 0, 0, 0)
+            try:
+                data = open(image, "rb").read() if isinstance(image, str) else image
+                img = decode_and_crop(Image.open(io.BytesIO(data)), crop)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # PIL's errors for a
+                # corrupt, truncated or huge image (OSError also for a missing CSV image)
+                skipped["image"] += 1
+                return None
+            x = augment(img)  # (3, S, S) uint8
+            box = erase_box(*x.shape[1:]) if crop is not None else (0, 0, 0, 0)
         box = (*box, stable_seed(self.seed, "erase", key, epoch))  # the noise's seed, for the device
         tags = self.labels.get(key) if self.labels is not None else None
         empty = torch.zeros(0, dtype=torch.long)
         obj, attr = tags if tags is not None else (empty, empty)
         return x, torch.tensor(box), clip_model.tokenize(caption)[0], obj, attr, key, tags is not None
+
+
+def decode_and_crop(img, crop=None):
+    """Decode a lazily opened image to RGB and apply timm's RandomResizedCrop `crop` (None: decode only). The box
+    is drawn first, with timm's own random calls; a JPEG whose box keeps at least twice the output's pixels is
+    decoded at 1/2, 1/4 or 1/8 of its size (PIL's draft: libjpeg's DCT scaling, 1.5x faster at 800 px), the box
+    scaled with it; otherwise crop and resize are timm's exactly."""
+    from PIL import Image
+    if crop is None:
+        img.load()  # a full decode: truncated files fail here
+        return img if img.mode == "RGB" else img.convert("RGB")
+    top, left, h, w = crop.get_params(img, crop.scale, crop.ratio)
+    (out_h, out_w), (W, H) = crop.size, img.size
+    reduce = min(w // out_w, h // out_h)
+    if reduce >= 2 and img.format == "JPEG":
+        img.draft("RGB", (-(-W // reduce), -(-H // reduce)))  # the smallest DCT scale keeping this size
+        sx, sy = W / img.width, H / img.height
+        box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
+    else:
+        box = None
+    img.load()
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    if box is not None:
+        return img.resize((out_w, out_h), Image.BILINEAR, box=box)
+    return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), Image.BILINEAR)
 
 
 class StreamPositions:
@@ -362,23 +388,22 @@ def multi_hot(rows, cols, batch, K, device):
 
 
 def train_transform(image_size, augment, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1"):
-    """SPEC section 5, the authors' `img_aug` exactly, up to uint8 (the rest runs on the device,
-    normalise_and_erase): timm's create_transform(is_training=True) with RandomResizedCrop(scale 0.08-1, ratio
-    3/4-4/3, bilinear), flip 0.5, RandAugment 'rand-m9-mstd0.5-inc1' (2 ops from timm's 15 'increasing' ops, each
+    """SPEC section 5, the authors' `img_aug` exactly, as (crop, rest): timm's create_transform(is_training=True)
+    with RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bilinear) (`crop`, applied by decode_and_crop while it
+    decodes), then flip 0.5, RandAugment 'rand-m9-mstd0.5-inc1' (2 ops from timm's 15 'increasing' ops, each
     applied with probability 0.5, magnitude ~ N(9, 0.5) on a 0-10 scale, geometric ops filled with the mean
-    colour); then ImageNet normalisation and RandomErasing p 0.25 with per-pixel N(0, 1) values, whose box
-    erase_box draws here (transform.erase). auto_augment: another timm policy string, or "none" for no
-    RandAugment. Without augmentation: resize + centre crop, nothing erased."""
+    colour) up to a uint8 tensor (`rest`); ImageNet normalisation and RandomErasing p 0.25 with per-pixel N(0, 1)
+    values follow on the device (normalise_and_erase, the box drawn by erase_box after `rest`). auto_augment:
+    another timm policy string, or "none". Without augmentation: (None, resize + centre crop), nothing erased."""
     from torchvision import transforms as T
     if not augment:
-        return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
+        return None, T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
     from timm.data import create_transform
     transform = create_transform(image_size, is_training=True, scale=(min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
                                  hflip=0.5, interpolation="bilinear",
                                  auto_augment=None if auto_augment == "none" else auto_augment,
                                  color_jitter=None, use_prefetcher=True)  # uint8 out, as timm's own prefetcher
-    transform.erase = True
-    return transform
+    return transform.transforms[0], T.Compose(transform.transforms[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------
