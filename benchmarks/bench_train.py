@@ -5,15 +5,16 @@
    built on the device, the finiteness flag kept on the device until a log step) and the old loop's (every
    micro-step reads `isfinite(loss)` and each term's `.item()` on the host, multi-hot labels built on the CPU and
    copied with a blocking copy). On a GPU the host reads stall the queue; on a CPU there is no queue to stall.
-2. Data loading: images/s of ONE DataLoader worker (one thread) for JPEG decode + the full training augmentation
-   (train.py's timm transform, SPEC section 5) on JPEGs of CC12M-like sizes (short side 400 px), against
-   torchvision's RandAugment pipeline that train.py used before; and the cores per GPU that a given training
-   rate needs.
+2. Data loading: images/s of ONE DataLoader worker reading a tar shard of CC12M-like JPEGs (short side 400 px,
+   and 800 px) through the authors' augmentation: train.py's pipeline (uint8 crops, big JPEGs decoded at reduced
+   size where the crop allows, normalisation and random erasing left to the device) against the float32
+   pipeline a timm user writes without a prefetcher (full decode, ToTensor + Normalize + RandomErasing in the
+   worker); the shared memory per image of each; and the workers per GPU that a given training rate needs.
 
 Run:
     python benchmarks/bench_train.py                               # CPU, fp32, batch 2,4,8; data loading
     python benchmarks/bench_train.py --device cuda --precision bf16 --batch-sizes 64,128,256,512
-    python benchmarks/bench_train.py --skip-step --images 400      # data loading only
+    python benchmarks/bench_train.py --skip-step                   # data loading only
 """
 import argparse
 import io
@@ -22,6 +23,8 @@ import os
 import random
 import resource
 import sys
+import tarfile
+import tempfile
 import time
 
 import torch
@@ -101,7 +104,7 @@ def bench_step(args):
         print(f"{b:>6} {rates[False]:>15.2f} {rates[True]:>16.2f} {rates[False] / rates[True]:>6.2f} {mem:>13.2f}")
 
 
-def cc12m_like_jpegs(n, seed=0):
+def cc12m_like_jpegs(n, seed=0, short_side=400):
     """JPEGs with CC12M's typical geometry (short side 400, aspect 0.75-1.8, quality 90) and photo-like content
     (smooth gradients, shapes, texture noise: JPEG decode time depends on the content)."""
     from PIL import Image, ImageDraw, ImageFilter
@@ -109,7 +112,8 @@ def cc12m_like_jpegs(n, seed=0):
     out = []
     for _ in range(n):
         aspect = rng.uniform(0.75, 1.8)
-        w, h = (round(400 * aspect), 400) if rng.random() < 0.7 else (400, round(400 * aspect))
+        w, h = (round(short_side * aspect), short_side) if rng.random() < 0.7 else \
+            (short_side, round(short_side * aspect))
         y = torch.linspace(0, 1, h).view(h, 1, 1)
         x = torch.linspace(0, 1, w).view(1, w, 1)
         base = torch.tensor([rng.random() for _ in range(3)]) * 255
@@ -126,40 +130,82 @@ def cc12m_like_jpegs(n, seed=0):
     return out
 
 
-def old_transform(image_size):
-    """train.py's previous pipeline (torchvision RandAugment(2, 9), zero-filled RandomErasing): the baseline."""
-    from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(0.5),
-                      T.RandAugment(num_ops=2, magnitude=9), T.ToTensor(),
-                      T.Normalize(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD), T.RandomErasing(p=0.25)])
+def write_shard(path, jpegs, count):
+    """An img2dataset-style tar of `count` samples cycling through `jpegs`."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            for ext, data in (("jpg", jpegs[i % len(jpegs)]), ("txt", f"a brown dog number {i} on grass".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+class FloatPipeline(train.CaptionImages):
+    """The baseline: what train.py did before and what timm's plain (prefetcher-less) pipeline does: decode in
+    full, then create_transform's float pipeline with ToTensor, Normalize and RandomErasing in the worker, so
+    float32 crops cross shared memory."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from timm.data import create_transform
+        self.float_transform = create_transform(
+            224, is_training=True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, interpolation="bilinear",
+            auto_augment="rand-m9-mstd0.5-inc1", color_jitter=None, mean=clip_model.IMAGENET_MEAN,
+            std=clip_model.IMAGENET_STD, re_prob=0.25, re_mode="pixel", re_count=1)
+
+    def decode(self, item, skipped):
+        from PIL import Image
+        (epoch, _, _), _, key, image, caption = item
+        img = Image.open(io.BytesIO(image)).convert("RGB")
+        with train.seeded(train.stable_seed(self.seed, "augment", key, epoch)):
+            x = self.float_transform(img)
+        return x, torch.zeros(5, dtype=torch.long), clip_model.tokenize(caption)[0], torch.zeros(0), \
+            torch.zeros(0), key, False
+
+
+def loader_rate(dataset, batches, batch_size):
+    """img/s of one DataLoader worker delivering `batches` batches (after one warm-up batch), and the bytes of one
+    batch's images in shared memory."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=1, collate_fn=train.collate)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    rate = batches * batch_size / (time.perf_counter() - t0)
+    return rate, batch["images"].nelement() * batch["images"].element_size() / batch_size
 
 
 def bench_data(args):
-    from PIL import Image
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    jpegs = cc12m_like_jpegs(args.images)
-    print(f"\ndata loading, one worker (1 thread): {len(jpegs)} JPEGs, short side 400, mean "
-          f"{sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB")
-    pipelines = {"decode only": None, "decode + train.py augmentation (timm, SPEC 5)": train.train_transform(224, True),
-                 "decode + old torchvision augmentation": old_transform(224)}
-    rates = {}
-    for name, transform in pipelines.items():
-        best = 0
-        for _ in range(2):
-            t0 = time.perf_counter()
-            for i, data in enumerate(jpegs):
-                img = Image.open(io.BytesIO(data)).convert("RGB")
-                if transform is not None:
-                    with train.seeded(i):
-                        transform(img)
-            best = max(best, len(jpegs) / (time.perf_counter() - t0))
-        rates[name] = best
-        print(f"{name:50s} {best:8.1f} img/s per worker")
-    ours = rates["decode + train.py augmentation (timm, SPEC 5)"]
-    print(f"ratio train.py / old augmentation: {ours / rates['decode + old torchvision augmentation']:.2f}")
+    torch.set_num_threads(1)
+    print(f"\ndata loading: ONE DataLoader worker, tar shard -> decode -> the authors' augmentation -> batch of "
+          f"{args.loader_batch}, best of 2 interleaved runs of {args.loader_batches} batches")
+    print(f"{'JPEG short side':>16} {'float32 in worker':>18} {'uint8 + draft':>14} {'ratio':>6} "
+          f"{'shm/img float':>14} {'shm/img uint8':>14} {'device norm+erase':>18}")
+    folder = tempfile.mkdtemp()
+    for short in [int(s) for s in args.short_sides.split(",")]:
+        path = os.path.join(folder, f"{short}.tar")
+        write_shard(path, cc12m_like_jpegs(args.images, short_side=short), 8 * args.loader_batch * args.loader_batches)
+        transform = train.train_transform(224, True)
+        rates, sizes = {}, {}
+        for name in ("float", "uint8", "float", "uint8"):
+            cls = FloatPipeline if name == "float" else train.CaptionImages
+            data = cls([path], None, transform, workers=1, shuffle_buffer=64, keep_unlisted=True)
+            rate, sizes[name] = loader_rate(data, args.loader_batches, args.loader_batch)
+            rates[name] = max(rates.get(name, 0), rate)
+        # the part that moved to the device, timed here on this CPU for one batch (a GPU does it in microseconds)
+        images = torch.randint(0, 256, (args.loader_batch, 3, 224, 224), dtype=torch.uint8)
+        boxes = torch.tensor([[10, 20, 60, 50, i] if i % 4 == 0 else [0, 0, 0, 0, i]
+                              for i in range(args.loader_batch)])
+        t0 = time.perf_counter()
+        train.normalise_and_erase(images, boxes, torch.Generator())
+        device_ms = (time.perf_counter() - t0) * 1e3 / args.loader_batch
+        print(f"{short:>16} {rates['float']:>14.1f} img/s {rates['uint8']:>8.1f} img/s "
+              f"{rates['uint8'] / rates['float']:>6.2f} {sizes['float'] / 1024:>10.0f} KiB {sizes['uint8'] / 1024:>10.0f} "
+              f"KiB {device_ms:>11.3f} ms/img (this CPU)")
     for target in (1000, 5000):
-        print(f"a training step at {target} img/s per GPU needs {math.ceil(target / ours)} decoding cores per GPU "
-              f"(at {ours:.0f} img/s per core)")
+        print(f"a GPU training at {target} img/s needs {math.ceil(target / rates['uint8'])} workers (cores) at the "
+              f"last row's {rates['uint8']:.0f} img/s per worker")
 
 
 def main():
@@ -169,7 +215,10 @@ def main():
     parser.add_argument("--batch-sizes", default="2,4,8", help="comma-separated batch sizes")
     parser.add_argument("--tags", type=int, default=10000, help="object tags K (attributes: the same)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per batch size and variant (after a warm-up)")
-    parser.add_argument("--images", type=int, default=200, help="JPEGs for the data-loading measurement")
+    parser.add_argument("--images", type=int, default=64, help="distinct JPEGs per short side (cycled)")
+    parser.add_argument("--short-sides", default="400,800", help="JPEG short sides to measure data loading on")
+    parser.add_argument("--loader-batch", type=int, default=32, help="batch size of the loader measurement")
+    parser.add_argument("--loader-batches", type=int, default=12, help="timed batches per loader run")
     parser.add_argument("--skip-step", action="store_true", help="only the data-loading measurement")
     parser.add_argument("--skip-data", action="store_true", help="only the training-step measurement")
     args = parser.parse_args()
