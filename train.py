@@ -473,6 +473,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype; auto: bf16 on GPU, fp32 on CPU; fp16 uses a GradScaler")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="CUDA check: any host-device synchronisation inside a training step raises (log and save "
+                        "steps excluded; benchmarks/gpu_check.sh uses it)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
     p.add_argument("--shuffle-buffer", type=int, default=2000, help="samples in each worker's shuffle buffer")
     p.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and init")
@@ -634,6 +637,8 @@ def train(args, rank, world, device):
     vocab, labels = load_label_data(args.labels)
     if not (args.data or args.data_csv):
         raise ValueError("no training data: pass --data SHARDS or --data-csv FILE")
+    if args.sync_debug and device.type != "cuda":
+        raise ValueError("--sync-debug checks CUDA synchronisation: it needs a GPU")
     if args.data_csv:
         check_csv(args.data_csv, args.image_root)
     files = [os.path.abspath(f) for f in ([args.data_csv] if args.data_csv else parse_tags.input_files(args.data))]
@@ -817,6 +822,8 @@ def train(args, rank, world, device):
             tag_counts = (counts[0], counts[1])
         else:  # the authors' average over every image of the step
             tag_counts = (global_batch, global_batch)
+        if args.sync_debug:  # from here to the optimizer step nothing may wait for the GPU
+            torch.cuda.set_sync_debug_mode("error")
         for micro, b in enumerate(step_batches):
             images = normalise_and_erase(b["images"].to(device, non_blocking=True), b["boxes"], erase_noise)
             sync = micro == accum - 1 or world == 1
@@ -847,6 +854,8 @@ def train(args, rank, world, device):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if args.sync_debug:
+            torch.cuda.set_sync_debug_mode("default")
         step += 1
         logged_steps += 1
 
