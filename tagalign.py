@@ -406,11 +406,53 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x) if distributed() else x
 
 
-def tag_loss(z, tag_emb, labels, tau, log_freq=None, average="batch", count=None):
-    """Multi-tag classification, Eq. 1-2 (Eq. 4 when log_freq is given).
-    z: (B, D) image embeddings; tag_emb: (K, D) normalised tag embeddings; labels: (B, K) 0/1;
-    log_freq: (K,) log of the tag frequencies f_k for the balanced softmax, or None for the plain softmax.
-    Each image's loss is -(1/|P|) sum_{k in P} log p_k (0 for an image without tags). They are averaged over
+TAG_LOSSES = ("balanced", "plain", "weighted", "focal", "asymmetric")  # paper Table 6 (+ the authors' plain)
+FOCAL = {"gamma": 2.0, "alpha": 0.25}  # Lin et al. 2017, their best setting
+ASYMMETRIC = {"gamma_neg": 4.0, "gamma_pos": 0.0, "margin": 0.05}  # Ridnik et al. 2021, their defaults
+SIGMOID_PRIOR = 0.01  # sigmoid losses: logit s_k - log((1 - pi) / pi), Lin et al.'s prior pi (fixed here)
+
+
+def inverse_frequency_weights(freq):
+    """Weighted softmax's per-tag weights w_k = mean(f) / f_k over the tags that occur (0 for a tag that never
+    does: it is never a positive). Normalised so that the average weight of the label occurrences,
+    sum_k f_k w_k / sum_k f_k, is 1: the loss keeps the plain softmax's scale, so the learning rate keeps its
+    meaning."""
+    seen = freq > 0
+    return torch.where(seen, freq[seen].mean() / freq.clamp(min=1e-12), torch.zeros_like(freq))
+
+
+def sigmoid_tag_losses(s, labels, kind):
+    """Per-tag binary losses (B, K) of the sigmoid long-tail losses of paper Table 6, on the logits
+    x = s_k - log((1 - pi) / pi) (Eq. 1's scores shifted to the prior pi = 0.01; TagAlign has no bias to learn):
+    - focal (Lin et al. 2017): -alpha (1 - p)^gamma log p for a tag the image has, -(1 - alpha) p^gamma
+      log(1 - p) for one it has not; gamma 2, alpha 0.25;
+    - asymmetric (Ridnik et al. 2021): -(1 - p)^gamma+ log p, and -p_m^gamma- log(1 - p_m) with the shifted
+      probability p_m = max(p - m, 0); gamma+ 0, gamma- 4, margin m 0.05."""
+    x = s - math.log((1 - SIGMOID_PRIOR) / SIGMOID_PRIOR)
+    p = torch.sigmoid(x)
+    if kind == "focal":
+        gamma, alpha = FOCAL["gamma"], FOCAL["alpha"]
+        pos = alpha * (1 - p) ** gamma * F.logsigmoid(x)
+        neg = (1 - alpha) * p ** gamma * F.logsigmoid(-x)
+    elif kind == "asymmetric":
+        p_m = (p - ASYMMETRIC["margin"]).clamp(min=0)
+        pos = (1 - p) ** ASYMMETRIC["gamma_pos"] * F.logsigmoid(x)
+        neg = p_m ** ASYMMETRIC["gamma_neg"] * torch.log((1 - p_m).clamp(min=1e-8))
+    else:
+        raise ValueError(f"unknown sigmoid tag loss {kind!r}; choose focal or asymmetric")
+    return -(labels * pos + (1 - labels) * neg)
+
+
+def tag_loss(z, tag_emb, labels, tau, kind="balanced", freq=None, average="batch", count=None):
+    """Multi-tag classification, Eq. 1-2, with the long-tail variants of paper Table 6 (`kind`):
+    - "balanced" (Eq. 4, the paper's): softmax(s_k + log f_k), i.e. exp(s_k) f_k / sum_j exp(s_j) f_j;
+    - "plain": softmax(s_k) (the authors' released code);
+    - "weighted": the plain softmax loss with each tag's term weighted by inverse_frequency_weights;
+    - "focal", "asymmetric": per-tag sigmoid losses (sigmoid_tag_losses), summed over the K tags.
+    z: (B, D) image embeddings; tag_emb: (K, D) normalised tag embeddings; labels: (B, K) 0/1; freq: (K,) tag
+    frequencies f_k (balanced and weighted). Each image's loss is divided by its number of tags |P|
+    (-(1/|P|) sum_{k in P} log p_k for the softmax losses); an image without tags adds 0 (it may be a failed
+    parse: its negatives are not trusted either). They are averaged over
     - average="batch" (default, the authors' code): every image of the global batch, untagged ones adding 0, so
       the loss weights of the released config mean what they meant there;
     - average="tagged": only the images that have tags.
@@ -420,12 +462,20 @@ def tag_loss(z, tag_emb, labels, tau, log_freq=None, average="batch", count=None
     gradient of that global mean."""
     if average not in ("batch", "tagged"):
         raise ValueError(f"unknown tag-loss average {average!r}; choose batch or tagged")
-    s = tau * F.normalize(z.float(), dim=-1) @ tag_emb.float().t()  # (B, K)
-    if log_freq is not None:
-        s = s + log_freq  # balanced softmax: exp(s_k) f_k / sum_j exp(s_j) f_j
+    if kind not in TAG_LOSSES:
+        raise ValueError(f"unknown tag loss {kind!r}; choose one of {', '.join(TAG_LOSSES)}")
+    if kind in ("balanced", "weighted") and freq is None:
+        raise ValueError(f"the {kind} tag loss needs the tag frequencies (freq)")
+    s = tau * F.normalize(z.float(), dim=-1) @ tag_emb.float().t()  # (B, K), Eq. 1
     labels = labels.float()
     n_pos = labels.sum(1)  # |P| per image
-    per_image = -(labels * F.log_softmax(s, dim=-1)).sum(1) / n_pos.clamp(min=1)  # (B,), 0 without tags
+    if kind in ("focal", "asymmetric"):
+        per_image = sigmoid_tag_losses(s, labels, kind).sum(1) * (n_pos > 0) / n_pos.clamp(min=1)
+    else:
+        if kind == "balanced":
+            s = s + freq.float().clamp(min=1e-12).log()  # Eq. 4: exp(s_k) f_k / sum_j exp(s_j) f_j
+        weights = inverse_frequency_weights(freq.float()) if kind == "weighted" else 1.0
+        per_image = -(labels * weights * F.log_softmax(s, dim=-1)).sum(1) / n_pos.clamp(min=1)  # (B,)
     world = dist.get_world_size() if distributed() else 1
     if count is None:
         if average == "batch":
@@ -450,8 +500,8 @@ def contrastive_loss(z, t, tau):
 
 
 def tagalign_loss(model: TagAlign, z, caption_emb, obj_labels, obj_emb, attr_labels=None, attr_emb=None,
-                  obj_log_freq=None, attr_log_freq=None, attribute_weight=1.0, itc_weight=1.0, object_weight=1.0,
-                  tag_average="batch", tag_counts=(None, None), accumulation=1):
+                  obj_freq=None, attr_freq=None, attribute_weight=1.0, itc_weight=1.0, object_weight=1.0,
+                  tag_average="batch", tag_counts=(None, None), accumulation=1, tag_loss_kind="balanced"):
     """Eq. 6: L = object_weight L_obj + attribute_weight L_attr + itc_weight L_itc. A term whose weight is 0 is
     not computed (its temperature then gets no gradient: train.py freezes it, as DDP requires).
     With gradient accumulation over `accumulation` micro-batches each call returns this micro-batch's share of
@@ -462,10 +512,12 @@ def tagalign_loss(model: TagAlign, z, caption_emb, obj_labels, obj_emb, attr_lab
     tau_tag, tau_itc = model.temperatures()
     terms, total = {}, z.new_zeros(())
     if object_weight:
-        terms["obj"] = tag_loss(z, obj_emb, obj_labels, tau_tag, obj_log_freq, tag_average, tag_counts[0])
+        terms["obj"] = tag_loss(z, obj_emb, obj_labels, tau_tag, tag_loss_kind, obj_freq, tag_average,
+                                tag_counts[0])
         total = total + object_weight * terms["obj"]
     if attribute_weight and attr_labels is not None:
-        terms["attr"] = tag_loss(z, attr_emb, attr_labels, tau_tag, attr_log_freq, tag_average, tag_counts[1])
+        terms["attr"] = tag_loss(z, attr_emb, attr_labels, tau_tag, tag_loss_kind, attr_freq, tag_average,
+                                 tag_counts[1])
         total = total + attribute_weight * terms["attr"]
     if itc_weight:
         terms["itc"] = contrastive_loss(z, caption_emb, tau_itc) / accumulation

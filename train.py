@@ -453,8 +453,9 @@ def parse_args(argv=None):
                    help="minutes a process may wait in a collective for the others (torch's NCCL default is 10): "
                    "after --resume each worker first re-reads what it had consumed, and ranks may finish that minutes "
                    "apart late in a run")
-    p.add_argument("--tag-loss", default="balanced", choices=["balanced", "plain"],
-                   help="balanced softmax (paper, Eq. 4) or plain softmax (authors' code)")
+    p.add_argument("--tag-loss", default="balanced", choices=tagalign.TAG_LOSSES,
+                   help="balanced softmax (paper, Eq. 4), plain softmax (authors' code), or paper Table 6's "
+                        "long-tail alternatives: weighted softmax, focal, asymmetric (tagalign.tag_loss)")
     p.add_argument("--tag-average", default="batch", choices=["batch", "tagged"],
                    help="average the tag losses over every image of the global batch, untagged ones adding 0 "
                         "(authors' code, default) or over the tagged images only")
@@ -685,8 +686,7 @@ def train(args, rank, world, device):
     tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
     emb = {k: tagalign.tag_embeddings(clip, tags[k], os.path.join(args.out, f"tag_embeddings_{k}.pt") if master else None).to(device)
            for k in ("objects", "attributes") if tags[k]}
-    log_freq = {k: torch.tensor([max(e["freq"], 1e-12) for e in vocab[k]], device=device).log()
-                if args.tag_loss == "balanced" and vocab[k] else None for k in ("objects", "attributes")}
+    freq = {k: torch.tensor([e["freq"] for e in vocab[k]], device=device) for k in ("objects", "attributes")}
     # A switched-off term leaves its temperature without a gradient, which DDP refuses (it waits for every
     # trainable parameter's gradient): freeze what the enabled terms do not use (paper Table 3's ablations).
     if not (args.object_weight or (args.attribute_weight and tags["attributes"])):
@@ -839,8 +839,8 @@ def train(args, rank, world, device):
                     if args.attribute_weight and tags["attributes"] else None
                 loss, terms = tagalign.tagalign_loss(
                     raw_model, z.float(), caption_emb, obj_labels, emb["objects"], attr_labels, emb.get("attributes"),
-                    log_freq["objects"], log_freq["attributes"], args.attribute_weight, args.itc_weight,
-                    args.object_weight, args.tag_average, tag_counts, accum)
+                    freq["objects"], freq["attributes"], args.attribute_weight, args.itc_weight,
+                    args.object_weight, args.tag_average, tag_counts, accum, args.tag_loss)
             finite.append(torch.isfinite(loss.detach()))  # read at the next check, not now (no host sync)
             recent_keys.append((step + 1, b["keys"]))
             scaler.scale(loss).backward()  # each micro-batch's loss is its share of the step's loss

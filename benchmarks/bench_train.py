@@ -48,7 +48,7 @@ def bench_step(args):
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=1e-4, eps=1e-6)
     tag_emb = torch.nn.functional.normalize(torch.randn(args.tags, 512, device=device), dim=-1)
-    log_freq = torch.full((args.tags,), 1.0 / args.tags, device=device).log()
+    freq = torch.full((args.tags,), 1.0 / args.tags, device=device)
     amp = torch.bfloat16 if args.precision == "bf16" else None
     print(f"device={args.device} precision={args.precision} tags={args.tags} threads={torch.get_num_threads()} "
           f"trainable={sum(p.numel() for p in params) / 1e6:.2f}M")
@@ -73,7 +73,7 @@ def bench_step(args):
                     labels = labels.to(device)
                 else:
                     labels = train.multi_hot(rows, cols, b, args.tags, device)
-                loss, terms = tagalign.tagalign_loss(model, z, t, labels, tag_emb, labels, tag_emb, log_freq, log_freq)
+                loss, terms = tagalign.tagalign_loss(model, z, t, labels, tag_emb, labels, tag_emb, freq, freq)
             if host_sync:
                 assert bool(torch.isfinite(loss))
                 values = [v.item() for v in terms.values()]

@@ -73,12 +73,13 @@ def test_tag_loss_plain_hand_computed():
     # tau = 10; image 0: s = (10, 0, 7.071068), log-sum-exp = 10.052117; -(1/2)(log p0 + log p2) = 1.516584
     # image 2: s = (0, 10, 7.071068), -log p1 = 10.052117 - 10 = 0.052117.
     # Default (the authors' code): mean over all 3 images, the untagged one adding 0.
-    loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0))
+    loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), "plain")
     assert loss.item() == pytest.approx((1.516584 + 0 + 0.052117) / 3, abs=1e-5)
     # average="tagged": mean over the 2 tagged images; count= overrides the denominator (accumulation)
-    tagged = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), average="tagged")
+    tagged = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), "plain", average="tagged")
     assert tagged.item() == pytest.approx((1.516584 + 0.052117) / 2, abs=1e-5)
-    share = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), average="tagged", count=torch.tensor(5.0))
+    share = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), "plain", average="tagged",
+                              count=torch.tensor(5.0))
     assert share.item() == pytest.approx((1.516584 + 0.052117) / 5, abs=1e-5)
 
 
@@ -89,14 +90,44 @@ def test_tag_loss_balanced_hand_computed():
     # s + log f = (10 - 0.693147, -2.302585, 7.071068 - 1.609438) = (9.306853, -2.302585, 5.461630)
     # log-sum-exp = 9.306853 + log(1 + e^-11.609438 + e^-3.845223) = 9.328018
     # -(1/2)((9.306853 - 9.328018) + (5.461630 - 9.328018)) = 1.943777
-    loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), freq.log())
+    loss = tagalign.tag_loss(z, C_TAGS, labels, torch.tensor(10.0), "balanced", freq)
     assert loss.item() == pytest.approx(1.943777, abs=1e-5)
+
+
+def test_long_tail_losses_hand_computed():
+    """Paper Table 6's alternatives on a 2-image, 4-tag batch (tau = 10, one-hot tag embeddings), each against
+    the formula written out with numbers; the balanced softmax of Eq. 4 is checked above."""
+    z = torch.tensor([[2.0, 1.0, 0.0, 0.0], [3.0, 0.0, 0.0, 4.0]])
+    labels = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 1]])
+    freq = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    loss = lambda kind: tagalign.tag_loss(z, torch.eye(4), labels, torch.tensor(10.0), kind, freq).item()
+    # s = 10 cos(z, c_k): image 0 (8.944272, 4.472136, 0, 0), image 1 (6, 0, 0, 8); log-sum-exp 8.955888, 8.127519
+    # weighted softmax: w = mean(f) / f = (0.5, 1, 2, 2) (label occurrences weigh 1 on average)
+    # image 0: 0.5 (8.955888 - 8.944272) = 0.005808; image 1: (2 (8.127519 - 0) + 2 (8.127519 - 8)) / 2 = 8.255038
+    assert loss("weighted") == pytest.approx((0.005808 + 8.255038) / 2, abs=1e-5)
+    # sigmoid losses: x = s - log(99) (prior 0.01); p0 = (0.987247, 0.469293, 0.01, 0.01), p1 = (0.802957, 0.01,
+    # 0.01, 0.967857). Focal: a tag present -0.25 (1 - p)^2 log p, absent -0.75 p^2 log(1 - p); divided by |P|
+    # image 0: 5.2e-7 + 0.75 0.469293^2 (-log 0.530707) + 2 x 7.5e-7 = 0.104649
+    # image 1: (0.75 0.802957^2 (-log 0.197043) + 7.5e-7 + 0.25 0.99^2 (-log 0.01) + 8.4e-6) / 2 = 0.956923
+    assert loss("focal") == pytest.approx((0.104649 + 0.956923) / 2, abs=1e-5)
+    # asymmetric: present -log p; absent -p_m^4 log(1 - p_m), p_m = max(p - 0.05, 0) (0 for p = 0.01)
+    # image 0: -log 0.987247 + 0.419293^4 (-log 0.580707) = 0.012835 + 0.016799 = 0.029634
+    # image 1: (0.752957^4 (-log 0.247043) + (-log 0.01) + (-log 0.967857)) / 2 = 2.543629
+    assert loss("asymmetric") == pytest.approx((0.029634 + 2.543629) / 2, abs=1e-5)
+    # an image without tags adds 0 to every kind; the gradients are finite
+    for kind in tagalign.TAG_LOSSES:
+        zz = torch.cat([z, torch.randn(1, 4)]).requires_grad_()
+        value = tagalign.tag_loss(zz, torch.eye(4), torch.cat([labels, torch.zeros(1, 4)]), torch.tensor(10.0),
+                                  kind, freq, average="tagged")
+        value.backward()
+        assert torch.isfinite(zz.grad).all() and zz.grad[2].abs().sum() == 0, kind
+    assert loss("plain") != loss("weighted") != loss("balanced")
 
 
 def test_tag_loss_without_any_tags_is_zero_not_nan():
     for average in ("batch", "tagged"):
         z = torch.randn(3, 2, requires_grad=True)
-        loss = tagalign.tag_loss(z, C_TAGS, torch.zeros(3, 3), torch.tensor(10.0), average=average)
+        loss = tagalign.tag_loss(z, C_TAGS, torch.zeros(3, 3), torch.tensor(10.0), "plain", average=average)
         loss.backward()
         assert loss.item() == 0 and torch.isfinite(z.grad).all()
 
@@ -132,7 +163,8 @@ def run_loss(model, images, captions, obj, attr):
     attr_emb = tagalign.text_embeddings(model.clip, ["red", "small", "wooden", "blue"], [tagalign.TAG_TEMPLATE])
     _, z = model(images)
     return tagalign.tagalign_loss(model, z, model.encode_text(captions), obj, obj_emb, attr, attr_emb,
-                                  obj_log_freq=torch.tensor([0.5, 0.3, 0.2, 0.1, 0.05]).log(), attribute_weight=0.5)
+                                  obj_freq=torch.tensor([0.5, 0.3, 0.2, 0.1, 0.05]),
+                                  attr_freq=torch.tensor([0.4, 0.3, 0.2, 0.1]), attribute_weight=0.5)
 
 
 def test_total_loss_is_eq6_and_gradients_reach_only_trainable_parameters(tiny_clip):

@@ -245,7 +245,15 @@ def test_each_loss_term_can_be_switched_off_under_ddp(setup, tmp_path):
     runs = [base_args(setup, tmp_path / term, **{"--batch-size": 2, "--steps": 3, off: 0}) for off, term in terms.items()]
     # in the same process group: --tag-average tagged (a count all-reduced over ranks) vs one process below
     runs.append(base_args(setup, tmp_path / "tagged2", **{"--batch-size": 2, "--tag-average": "tagged"}))
+    # paper Table 6's long-tail losses train under DDP too (every trainable parameter gets a gradient)
+    kinds = ("weighted", "focal", "asymmetric")
+    runs += [base_args(setup, tmp_path / kind, **{"--batch-size": 2, "--tag-loss": kind}) for kind in kinds]
     ended = spawn_training(runs, tmp_path)
+    for kind, messages in zip(kinds, ended[-3:]):
+        assert messages == ["finished", "finished"], (kind, messages)
+        state = torch.load(tmp_path / kind / "ckpt.pt", weights_only=False)
+        assert state["data"]["tag_loss"] == kind and state["model"]["projector.blocks.0.0.gate"] != 0
+    ended = ended[:-3]
     assert ended[-1] == ["finished", "finished"], ended[-1]
     train.main(base_args(setup, tmp_path / "tagged1", **{"--tag-average": "tagged"}))
     assert_same(trainable(tmp_path / "tagged2" / "ckpt.pt"), trainable(tmp_path / "tagged1" / "ckpt.pt"), atol=2e-5)
