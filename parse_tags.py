@@ -1187,11 +1187,12 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
                   and not os.path.exists(os.path.join(out_dir, f"parsed.{i}-of-{n}.done.json"))]
     if unfinished:
         print(f"warning: shards {unfinished[:20]} of {n} have not finished their input (no parsed.i-of-{n}.done.json): "
-              "their samples so far are merged, the rest will train without tags; rerun those shards (they resume) "
+              "their samples so far are merged, the rest get no row (train.py skips them as unlisted); rerun those "
+              "shards (they resume) "
               "and merge again", file=sys.stderr)
     errors = [e for e in glob.glob(os.path.join(out_dir, f"errors.*-of-{n}.jsonl")) if os.path.getsize(e)]
     if errors:
-        print(f"warning: input files could not be read (their samples have no tags): see {', '.join(sorted(errors))}",
+        print(f"warning: input files could not be read (their samples get no row): see {', '.join(sorted(errors))}",
               file=sys.stderr)
     recorded = {i: read_settings(os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json")) for i in range(n)}
     recorded = {i: v for i, v in recorded.items() if v is not None}

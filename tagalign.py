@@ -417,8 +417,9 @@ def inverse_frequency_weights(freq):
     does: it is never a positive). Normalised so that the average weight of the label occurrences,
     sum_k f_k w_k / sum_k f_k, is 1: the loss keeps the plain softmax's scale, so the learning rate keeps its
     meaning."""
-    seen = freq > 0
-    return torch.where(seen, freq[seen].mean() / freq.clamp(min=1e-12), torch.zeros_like(freq))
+    seen = (freq > 0).float()
+    mean = (freq * seen).sum() / seen.sum().clamp(min=1)  # no boolean indexing: that would read the GPU
+    return seen * mean / freq.clamp(min=1e-12)
 
 
 def sigmoid_tag_losses(s, labels, kind):

@@ -62,6 +62,12 @@ def stable_seed(*parts):
                           "little") >> 1
 
 
+def plain_tar(path):
+    """An uncompressed tar (seekable to a record): the POSIX magic of its first header."""
+    with open(path, "rb") as f:
+        return f.read(512)[257:262] == b"ustar"
+
+
 def tar_records(path, skipped, offset=0):
     """(key, image bytes, caption, start, next) of an img2dataset tar, streaming from byte `offset` (a record's
     first header) on. start: the record's own offset; next: the offset of the record after it (None at the end
@@ -70,8 +76,8 @@ def tar_records(path, skipped, offset=0):
     in skipped['tar']; members missing their image or caption in skipped['member']."""
     current, start, parts = None, None, {}
     try:
+        plain = plain_tar(path)
         with open(path, "rb") as f:
-            plain = f.read(512)[257:262] == b"ustar"  # the POSIX magic of an uncompressed tar's first header
             base = offset if plain else 0
             f.seek(base)
             with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
@@ -156,6 +162,7 @@ class CaptionImages(torch.utils.data.IterableDataset):
     the same round-robin batch order."""
 
     MAX_FAILURES = 1000  # consecutive undecodable images: the data is wrong, not a few files
+    MAX_UNLISTED = 10000  # samples without a labels.pt row before any with one: the labels are another data's
 
     def __init__(self, files, labels, transform, rank=0, world=1, workers=0, shuffle_buffer=1000, seed=0,
                  image_root=None, start=None, role_offset=0, csv_input=False, keep_unlisted=False):
@@ -197,6 +204,8 @@ class CaptionImages(torch.utils.data.IterableDataset):
                     if not self.keep_unlisted and self.labels is not None and self.labels.row(key) is None:
                         skipped["unlisted"] += 1
                         unlisted = unlisted or key
+                        if kept == 0 and skipped["unlisted"] == self.MAX_UNLISTED:
+                            raise ValueError(self.no_labels_message(f"the first {self.MAX_UNLISTED}", unlisted))
                         continue
                     kept += 1
                     next_at = (epoch, k, after, index) if after is not None else (epoch, k + 1, 0, index)
@@ -204,20 +213,36 @@ class CaptionImages(torch.utils.data.IterableDataset):
                 k, offset = k + 1, 0
             if whole_pass and kept == 0:  # else this loop would spin forever and training would wait
                 if unlisted:
-                    raise ValueError(
-                        f"no sample of a whole pass over {len(mine)} file(s) has its key in labels.pt: data keys "
-                        f"look like {unlisted!r}, labels.pt keys like {example_label_key(self.labels)!r}. Parse "
-                        "the same files you train on (tar keys are img2dataset's sample keys; CSV rows are keyed "
-                        "by their 'key' column), or pass --keep-unlisted to train them on the contrastive loss")
+                    raise ValueError(self.no_labels_message(f"a whole pass over {len(mine)} file(s)", unlisted))
                 raise RuntimeError(f"a whole pass over {len(mine)} file(s) gave worker {role} no complete sample "
                                    f"(skipped so far: {skipped}); check the data files")
             epoch, k, offset, index = epoch + 1, 0, 0, 0
 
-    def read_at(self, where):
-        """The record at a location (epoch, file, offset), read again for a resumed shuffle buffer."""
-        epoch, file, offset = where
-        key, image, caption, _, after = next(self.records(file, offset, dict.fromkeys(SKIPS, 0)))
-        return where, None, key, image, caption
+    def no_labels_message(self, what, data_key):
+        return (f"no sample of {what} has its key in labels.pt: data keys look like {data_key!r}, labels.pt keys "
+                f"like {example_label_key(self.labels)!r}. Parse the same files you train on (tar keys are "
+                "img2dataset's sample keys; CSV rows are keyed by their 'key' column), or pass --keep-unlisted "
+                "to train them on the contrastive loss")
+
+    def read_at(self, locations):
+        """The records at these locations (epoch, file, offset), read again for a resumed shuffle buffer, in their
+        order. A plain tar or a CSV is seeked to each; a compressed tar is decompressed once, from its first
+        location on."""
+        skipped = dict.fromkeys(SKIPS, 0)  # counted when they were first read
+        found = {}
+        for file in sorted({f for _, f, _ in locations}):
+            wanted = sorted({o for _, f, o in locations if f == file})
+            if self.csv_input or plain_tar(self.files[file]):
+                found.update(((file, o), next(self.records(file, o, skipped))) for o in wanted)
+                continue
+            missing = set(wanted)
+            for record in self.records(file, wanted[0], skipped):
+                if record[3] in missing:
+                    found[(file, record[3])] = record
+                    missing.discard(record[3])
+                    if not missing:
+                        break
+        return [(tuple(loc), None, *found[(loc[1], loc[2])][:3]) for loc in locations]
 
     def __iter__(self):
         role = self.role()
@@ -228,7 +253,7 @@ class CaptionImages(torch.utils.data.IterableDataset):
             buffer = [item for _, item in zip(range(self.shuffle_buffer), stream)]
         else:  # the only records read twice: the ones still in the buffer
             position, stream = state["position"], self.raw_stream(role, skipped, state["next"])
-            buffer = [self.read_at(tuple(w)) for w in state["buffer"]]
+            buffer = self.read_at(state["buffer"])
         init, trail, failures = [item[0] for item in buffer], [], 0
         for new in stream:
             j = stable_seed(self.seed, "shuffle", role, position) % len(buffer)
@@ -256,8 +281,7 @@ class CaptionImages(torch.utils.data.IterableDataset):
             try:
                 data = open(image, "rb").read() if isinstance(image, str) else image
                 img = decode_and_crop(Image.open(io.BytesIO(data)), crop)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):  # PIL's errors for a
-                # corrupt, truncated or huge image (OSError also for a missing CSV image)
+            except Exception:  # a corrupt, truncated, huge or missing image: PIL raises many kinds
                 skipped["image"] += 1
                 return None
             x = augment(img)  # (3, S, S) uint8
@@ -266,14 +290,14 @@ class CaptionImages(torch.utils.data.IterableDataset):
         tags = self.labels.get(key) if self.labels is not None else None
         empty = torch.zeros(0, dtype=torch.long)
         obj, attr = tags if tags is not None else (empty, empty)
-        return x, torch.tensor(box), clip_model.tokenize(caption)[0], obj, attr, key, tags is not None
+        return x, box, clip_model.tokenize(caption)[0], obj, attr, key, tags is not None
 
 
 def decode_and_crop(img, crop=None):
     """Decode a lazily opened image to RGB and apply timm's RandomResizedCrop `crop` (None: decode only). The box
-    is drawn first, with timm's own random calls; a JPEG whose box keeps at least twice the output's pixels is
-    decoded at 1/2, 1/4 or 1/8 of its size (PIL's draft: libjpeg's DCT scaling, 1.5x faster at 800 px), the box
-    scaled with it; otherwise crop and resize are timm's exactly."""
+    is drawn first, with timm's own random calls; a JPEG whose box is at least twice the output's size in each
+    dimension is decoded at 1/2, 1/4 or 1/8 of its size (PIL's draft: libjpeg's DCT scaling; 1.4x the img/s on
+    800-px JPEGs), the box scaled with it; otherwise crop and resize are timm's exactly."""
     from PIL import Image
     if crop is None:
         img.load()  # a full decode: truncated files fail here
@@ -351,15 +375,16 @@ def erase_box(height, width, p=ERASE["p"], area=ERASE["area"], log_aspect=ERASE[
 def normalise_and_erase(images, boxes, generator):
     """On the device, for a batch: uint8 (B, 3, S, S) -> ImageNet-normalised float (timm's ToTensor and
     Normalize), then each sample's erase box filled with N(0, 1) noise (timm's pixel-mode RandomErasing, in
-    normalised space). boxes: a host tensor (B, 5) of (top, left, h, w, noise seed), h = 0 for none; the noise
-    is seeded per sample, so a sample looks the same at any world size. Shipping uint8 crops from the workers
-    costs a quarter of float32's shared memory."""
+    normalised space). boxes: a host list of (top, left, h, w, noise seed) per sample, h = 0 for none; the noise
+    is seeded per sample, so a sample looks the same at any world size (generator None: torch's default one,
+    unseeded). Shipping uint8 crops from the workers costs a quarter of float32's shared memory."""
     x = images.float().div(255)
     x = torch.stack([(x[:, c] - m) / s for c, (m, s) in  # Python scalars: no host-to-device copy
                      enumerate(zip(clip_model.IMAGENET_MEAN, clip_model.IMAGENET_STD))], 1)  # (B, 3, S, S)
-    for i, (top, left, h, w, seed) in enumerate(boxes.tolist()):  # a host tensor: no device read
+    for i, (top, left, h, w, seed) in enumerate(boxes):  # host values: no device read
         if h:
-            generator.manual_seed(seed)
+            if generator is not None:
+                generator.manual_seed(seed)
             x[i, :, top:top + h, left:left + w] = torch.randn((3, h, w), generator=generator, device=x.device)
     return x
 
@@ -374,7 +399,7 @@ def sparse_tags(index_lists):
 
 def collate(batch):
     images, boxes, tokens, obj, attr, keys, found, where = zip(*batch)
-    return {"images": torch.stack(images), "boxes": torch.stack(boxes), "tokens": torch.stack(tokens),
+    return {"images": torch.stack(images), "boxes": list(boxes), "tokens": torch.stack(tokens),
             "keys": list(keys), "obj": sparse_tags(obj), "attr": sparse_tags(attr),
             # host-side counts (no GPU read needed): images with object / attribute tags, keys found in labels.pt
             "n_obj": sum(len(o) > 0 for o in obj), "n_attr": sum(len(a) > 0 for a in attr),
@@ -385,8 +410,8 @@ def collate(batch):
 def multi_hot(rows, cols, batch, K, device):
     """(rows, cols) of the ones -> (batch, K) 0/1 float, built on `device` (non-blocking copies of the indices)."""
     out = torch.zeros(batch, K, device=device)
-    out[rows.to(device, non_blocking=True), cols.to(device, non_blocking=True)] = 1
-    return out
+    index = (rows.to(device, non_blocking=True), cols.to(device, non_blocking=True))
+    return out.index_put_(index, torch.ones((), device=device))  # a host 1 would be copied with a sync
 
 
 def train_transform(image_size, augment, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1"):
@@ -451,8 +476,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=5.0, help="gradient clipping at this global norm")
     p.add_argument("--dist-timeout", type=float, default=60,
                    help="minutes a process may wait in a collective for the others (torch's NCCL default is 10): "
-                   "after --resume each worker first re-reads what it had consumed, and ranks may finish that minutes "
-                   "apart late in a run")
+                   "the first process of a node downloads the CLIP while the others wait")
     p.add_argument("--tag-loss", default="balanced", choices=tagalign.TAG_LOSSES,
                    help="balanced softmax (paper, Eq. 4), plain softmax (authors' code), or paper Table 6's "
                         "long-tail alternatives: weighted softmax, focal, asymmetric (tagalign.tag_loss)")
@@ -638,8 +662,9 @@ def train(args, rank, world, device):
     vocab, labels = load_label_data(args.labels)
     if not (args.data or args.data_csv):
         raise ValueError("no training data: pass --data SHARDS or --data-csv FILE")
-    if args.sync_debug and device.type != "cuda":
-        raise ValueError("--sync-debug checks CUDA synchronisation: it needs a GPU")
+    if args.sync_debug and (device.type != "cuda" or world > 1 or precision == "fp16"):
+        raise ValueError("--sync-debug checks one CUDA process in bf16 or fp32 (fp16's GradScaler and DDP's "
+                         "first bucket rebuild read the GPU by design)")
     if args.data_csv:
         check_csv(args.data_csv, args.image_root)
     files = [os.path.abspath(f) for f in ([args.data_csv] if args.data_csv else parse_tags.input_files(args.data))]
@@ -660,6 +685,9 @@ def train(args, rank, world, device):
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if not all(isinstance(s, dict) for s in ckpt["data"]["start"].values()):
+            raise ValueError(f"--resume: {ckpt_path} records its data positions as record counts, the format of an "
+                             "earlier train.py, which this one cannot continue exactly; start a new --out")
         check_resume(ckpt["data"], run, ckpt_path)
     elif os.path.isfile(ckpt_path) and not args.overwrite:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or --overwrite to start "
@@ -796,7 +824,7 @@ def train(args, rank, world, device):
     raw_model.train()
     t_log, images_seen = time.time(), 0
     sums, seen = {}, {"samples": 0, "found": 0, "tagged": 0}  # loss sums stay on the device until a log step
-    first, warned, logged_steps = True, False, 0
+    first, warned, logged_steps, samples_total = True, False, 0, 0  # samples trained since this (re)start
     while step < args.steps:
         step_batches = [next(batches) for _ in range(accum)]  # all of the step: the tag losses average over them
         for b in step_batches:
@@ -871,6 +899,7 @@ def train(args, rank, world, device):
             losses = (losses / world / logged_steps).tolist()  # steps since the last log line (or the resume)
             shown = [f"{v:.4f}" if k in sums else "off" for k, v in zip(("obj", "attr", "itc"), losses)]
             samples, found, tagged = counts[:3].tolist()
+            samples_total += samples
             skipped_now = {k: skipped_total[k] + int(v) for k, v in zip(skipped_total, counts[3:].tolist())}
             tau_tag, tau_itc = raw_model.temperatures()
             rate = images_seen / (time.time() - t_log)
@@ -884,9 +913,10 @@ def train(args, rank, world, device):
             if master:
                 log.write(line + "\n")
                 log.flush()
-            if found < 0.5 * samples and not warned:
-                print0(f"warning: only {100 * found / max(samples, 1):.1f}% of the samples have their key in "
-                       f"labels.pt; the others train the contrastive loss only ('found' in every log line)")
+            if (found < 0.5 * samples or skipped_now["unlisted"] > samples_total) and not warned:
+                print0(f"warning: {100 * found / max(samples, 1):.1f}% of the samples trained have their key in "
+                       f"labels.pt, and {skipped_now['unlisted']} were skipped for having none: do the labels "
+                       "belong to these files? ('found' and 'unlisted' in every log line)")
                 warned = True
             sums, t_log, images_seen, logged_steps = {}, time.time(), 0, 0
             seen = dict.fromkeys(seen, 0)

@@ -159,7 +159,7 @@ class FloatPipeline(train.CaptionImages):
         img = Image.open(io.BytesIO(image)).convert("RGB")
         with train.seeded(train.stable_seed(self.seed, "augment", key, epoch)):
             x = self.float_transform(img)
-        return x, torch.zeros(5, dtype=torch.long), clip_model.tokenize(caption)[0], torch.zeros(0), \
+        return x, (0, 0, 0, 0, 0), clip_model.tokenize(caption)[0], torch.zeros(0), \
             torch.zeros(0), key, False
 
 
@@ -195,8 +195,7 @@ def bench_data(args):
             rates[name] = max(rates.get(name, 0), rate)
         # the part that moved to the device, timed here on this CPU for one batch (a GPU does it in microseconds)
         images = torch.randint(0, 256, (args.loader_batch, 3, 224, 224), dtype=torch.uint8)
-        boxes = torch.tensor([[10, 20, 60, 50, i] if i % 4 == 0 else [0, 0, 0, 0, i]
-                              for i in range(args.loader_batch)])
+        boxes = [(10, 20, 60, 50, i) if i % 4 == 0 else (0, 0, 0, 0, i) for i in range(args.loader_batch)]
         t0 = time.perf_counter()
         train.normalise_and_erase(images, boxes, torch.Generator())
         device_ms = (time.perf_counter() - t0) * 1e3 / args.loader_batch

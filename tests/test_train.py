@@ -523,12 +523,12 @@ def test_uint8_pipeline_with_device_erasing_is_timms_float_pipeline():
             crop = rest(train.decode_and_crop(Image.open(io.BytesIO(data)), crop_step))
             box = train.erase_box(64, 64)
         assert crop.dtype == torch.uint8
-        got = train.normalise_and_erase(crop[None], torch.tensor([[*box, seed]]), torch.Generator())[0]
+        got = train.normalise_and_erase(crop[None], [(*box, seed)], torch.Generator())[0]
         top, left, h, w = box
         inside = torch.zeros(64, 64, dtype=torch.bool)
         inside[top:top + h, left:left + w] = True
         assert torch.allclose(got[:, ~inside], want[:, ~inside], atol=1e-6)
-        plain = train.normalise_and_erase(crop[None], torch.zeros(1, 5, dtype=torch.long), None)[0]
+        plain = train.normalise_and_erase(crop[None], [(0, 0, 0, 0, 0)], None)[0]
         assert torch.equal((plain != want).any(0), inside)  # timm erased exactly our box
         erased += h > 0
         noise.append(got[:, inside].flatten())
@@ -548,7 +548,7 @@ def test_augmentation_is_seeded_per_sample():
 
 
 def test_a_big_jpeg_is_decoded_at_reduced_size_where_the_crop_allows():
-    """PIL's draft (libjpeg's DCT scaling) when the crop box keeps at least twice the output's pixels: the same
+    """PIL's draft (libjpeg's DCT scaling) when the crop box is twice the output's size a side: the same
     box as timm's RandomResizedCrop on the full decode, within 2 of 255 levels on average; a small crop of the same
     photo decodes in full and equals timm's exactly."""
     from PIL import Image, ImageFilter
@@ -685,6 +685,22 @@ def test_a_resume_reads_only_the_shuffle_buffer_at_any_step(setup, tmp_path, mon
     record = os.path.getsize(tmp_path / "big.tar") / 64
     # the old resume re-read all 56 consumed records; this one the buffer's 4 and the next (in 10 KiB reads)
     assert skip_phase[14] <= 1.3 * skip_phase[2] and skip_phase[14] < 56 * record / 3, (skip_phase, record)
+    # a gzip-compressed shard cannot be seeked: the buffer's records are decompressed in one pass, then the
+    # stream's (not one pass per buffered record)
+    import gzip
+    with open(tmp_path / "big.tar", "rb") as f, gzip.open(tmp_path / "big.tar.gz", "wb") as g:
+        g.write(f.read())
+    out = tmp_path / "gz"
+    train.main([a for a in base_args(setup, out, **{**kw, "--data": tmp_path / "big.tar.gz"}, **{"--steps": 14})
+                if a != ""])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    data = train.CaptionImages(ckpt["data"]["files"], labels, train.train_transform(64, False), shuffle_buffer=4,
+                               start=ckpt["data"]["start"])
+    monkeypatch.setattr(train, "open", counting_open, raising=False)
+    read.clear()
+    next(iter(data))
+    monkeypatch.undo()
+    assert sum(read) < 2.2 * os.path.getsize(tmp_path / "big.tar.gz"), sum(read)
 
 
 def test_records_restart_at_their_byte_offsets(tmp_path):
@@ -730,3 +746,46 @@ def test_the_clip_is_recorded_by_absolute_path_and_compared_by_content(setup, tm
     torch.save(random_state_dict(TINY, seed=3), tmp_path / "copy" / "c.pt")
     with pytest.raises(ValueError, match="'clip' differs"):
         train.main(base_args(setup, out, **{"--clip": tmp_path / "copy" / "c.pt", "--steps": 3}) + ["--resume"])
+
+
+def test_the_step_helpers_never_wait_for_the_gpu():
+    """What --sync-debug would catch on a GPU, checked here with fake CUDA tensors (FakeTensorMode, no GPU):
+    multi_hot, normalise_and_erase and every tag loss make no host read of a device tensor (an .item(), a
+    boolean mask: FakeTensorMode raises on those), no blocking host-to-device copy and no index_put_ with a host
+    value (ATen copies that with a blocking copy)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+
+    class Waits(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.found = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (aten.index_put_.default, aten.index_put.default) and args[2].device.type == "cpu" \
+                    and args[0].device.type == "cuda":
+                self.found.append(f"{func} with a host value")
+            if func is aten._to_copy.default and args[0].device.type == "cpu" and \
+                    str(kwargs.get("device", "cpu")).startswith("cuda") and not kwargs.get("non_blocking"):
+                self.found.append(f"{func}: a blocking host-to-device copy")
+            return func(*args, **kwargs)
+
+    cuda = torch.device("cuda")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with Waits() as waits:
+            train.multi_hot(torch.tensor([0, 1, 1]), torch.tensor([2, 0, 3]), 2, 5, cuda)
+            images = torch.zeros(2, 3, 16, 16, dtype=torch.uint8, device=cuda)
+            train.normalise_and_erase(images, [(1, 2, 4, 5, 7), (0, 0, 0, 0, 8)], None)
+            z = torch.randn(2, 8, device=cuda)
+            emb, labels = torch.randn(5, 8, device=cuda), torch.zeros(2, 5, device=cuda)
+            freq = torch.rand(5).to(cuda, non_blocking=True)
+            for kind in tagalign.TAG_LOSSES:
+                for average in ("batch", "tagged"):
+                    tagalign.tag_loss(z, emb, labels, torch.ones((), device=cuda), kind, freq, average)
+        assert waits.found == []
+        with Waits() as waits:  # the check itself: the former multi_hot's host 1 is caught
+            out = torch.zeros(2, 5, device=cuda)
+            out[torch.tensor([0]).to(cuda, non_blocking=True), torch.tensor([1]).to(cuda, non_blocking=True)] = 1
+        assert waits.found == ["aten.index_put_.default with a host value"]
