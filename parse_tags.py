@@ -54,7 +54,7 @@ import torch
 # half the tokens of the JSON form (each generated token is one decode step, the cost that batching cannot hide
 # on a CPU). A grammar makes any other shape impossible; "-" is an empty list. Records on disk stay JSON.
 ANSWER_GRAMMAR = r'''
-root  ::= objs " | " attrs
+root  ::= " "? objs " | " attrs
 objs  ::= "-" | obj (", " obj){0,5}
 obj   ::= word (" " word){0,2}
 attrs ::= "-" | word (", " word){0,5}
@@ -62,7 +62,7 @@ word  ::= [a-z] [a-z-]{0,19}
 '''
 # The retry after a malformed answer: fewer, shorter items, so that a rambling first answer ends in time.
 STRICT_GRAMMAR = r'''
-root  ::= objs " | " attrs
+root  ::= " "? objs " | " attrs
 objs  ::= "-" | obj (", " obj){0,3}
 obj   ::= word (" " word)?
 attrs ::= "-" | word (", " word){0,3}
@@ -106,6 +106,11 @@ EXAMPLES = [
      ["young", "red"]),
 ]
 MAX_CAPTION_CHARS = 600  # longer captions are cut (at a word boundary) to keep the prompt inside the context
+
+
+def common_length(a, b):
+    """How many leading items two sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def format_answer(objects, attributes):
@@ -493,8 +498,10 @@ class BatchTagger:
     None) as captions finish, in finishing order. Calling the object on one caption (tagger(text, strict)) is the
     one-at-a-time path of tag_caption."""
 
+    PROBES = ("A", "a", "1", ".", "-", " x", "é", "person")  # caption starts: where the prefix's tokens end
+
     def __init__(self, model_path, chat_format=None, parallel=32, n_threads=None, n_gpu_layers=None,
-                 max_tokens=48, kv_unified=True, n_batch=512):
+                 max_tokens=48, kv_unified=True, n_batch=512, vocab_only=False):
         import llama_cpp as L
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"GGUF model not found: {model_path} (pass --model PATH or --hf-repo/--hf-file)")
@@ -507,24 +514,37 @@ class BatchTagger:
         if n_gpu_layers is None:  # every layer when llama.cpp was built with a GPU backend; 0 changes nothing on CPU
             n_gpu_layers = 999 if L.llama_supports_gpu_offload() else 0
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.vocab_only = vocab_only  # tokenizer, template and grammar only (tests on vocabulary files)
         self.model = L.llama_model_load_from_file(model_path.encode(), mparams)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model_path}")
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.prefix_text, self.suffix_text = self._template(chat_format)  # the chat around the caption
-        self.prefix = self.tokenize(self.prefix_text, add_special=True, parse_special=True)
+        self.max_caption_tokens = 320  # KV cells per caption (prepare_caption cuts at 600 characters)
+        # Each query is tokenised as the one string the model is shown (SentencePiece would add a space to every
+        # separately tokenised piece). The cached prefix is what every query's tokens start with: the common
+        # prefix of queries beginning with different characters (a trailing space merges into the next word).
+        probes = [self.query_tokens(p) for p in self.PROBES]
+        self.prefix = probes[0][:min(common_length(probes[0], q) for q in probes[1:])]
         self.suffix = self.tokenize(self.suffix_text, add_special=False, parse_special=True)
+        # " |" in the middle of an answer (alone, SentencePiece would give it a leading space of its own): forced,
+        # token by token, to end the object list early (see run)
+        word, with_bar = self.tokenize("a"), self.tokenize("a |")
+        self.bar = with_bar[common_length(word, with_bar):]
+        self.grammars = {strict: STRICT_GRAMMAR if strict else ANSWER_GRAMMAR for strict in (False, True)}
+        if vocab_only:
+            return
         # KV cells: each sequence needs room for the longest caption prepare_caption lets through + the answer.
         # With one unified stream the prefix cells are shared, so they count once (a stream per sequence holds a
         # prefix each); n_batch cells of slack. E.g. a 330-token prefix, parallel 128: 50 k cells, not 98 k.
-        self.max_caption_tokens = 320
         per_seq = self.max_caption_tokens + len(self.suffix) + max_tokens + 8
-        cells = len(self.prefix) + parallel * per_seq + n_batch if kv_unified else parallel * (len(self.prefix) + per_seq)
+        cells = len(self.prefix) + parallel * per_seq + n_batch if kv_unified else \
+            (parallel + 1) * (len(self.prefix) + per_seq)
         cparams = L.llama_context_default_params()
         cparams.n_ctx = self.kv_cells = -(-cells // 256) * 256
         cparams.n_batch = cparams.n_ubatch = max(n_batch, parallel)
-        cparams.n_seq_max = parallel
+        cparams.n_seq_max = parallel + 1  # the last sequence keeps the prefix alone (see _release)
         cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
         # One KV stream shared by all sequences (the prefix cells are shared, not copied): measured 2x faster here
         # than a stream per sequence, whose copies and per-stream batch splits cost more than they save.
@@ -536,15 +556,13 @@ class BatchTagger:
             raise RuntimeError("llama.cpp could not create a context (too little memory for --parallel?)")
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self.samplers = [{strict: self._grammar(STRICT_GRAMMAR if strict else ANSWER_GRAMMAR)
-                          for strict in (False, True)} for _ in range(parallel)]
+        self.samplers = [{strict: self._grammar(self.grammars[strict]) for strict in (False, True)}
+                         for _ in range(parallel)]
         self.cand = (L.llama_token_data * self.n_vocab)()
         self.cand_view = np.frombuffer(self.cand, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
         self.cand_arr = L.llama_token_data_array(data=self.cand, size=self.n_vocab, selected=-1, sorted=False)
         self.generated = 0  # tokens sampled (answer tokens + the end token), for the benchmark
         self.pieces = _PieceCache(self)
-        bar = self.tokenize(" |")
-        self.bar = bar[0] if len(bar) == 1 else None  # forced to end the object list early (see run)
         self._eval_prefix()
 
     # -- setup helpers
@@ -588,6 +606,26 @@ class BatchTagger:
             raise RuntimeError(f"tokenize: {-n} tokens do not fit")
         return list(toks[:n])
 
+    def query_tokens(self, caption):
+        """The tokens of one whole query: the rendered chat (rules, examples) with this caption, ready for the
+        answer."""
+        return self.tokenize(self.prefix_text + caption + self.suffix_text, add_special=True, parse_special=True)
+
+    def query_feed(self, caption):
+        """(start, tokens): what a sequence decodes for this caption, from position start on, after the cached
+        prefix's first `start` tokens (start is the whole prefix unless the caption's first characters merge
+        into its last token). A caption too long for its KV cells is cut by characters."""
+        toks = self.query_tokens(caption)
+        while len(toks) - len(self.prefix) > self.max_caption_tokens + len(self.suffix):
+            caption = caption[:len(caption) * 3 // 4]
+            toks = self.query_tokens(caption)
+        start = common_length(toks, self.prefix)
+        return start, toks[start:]
+
+    def pieces_of(self, tokens):
+        """The text of a token sequence (as the answer builds it, piece by piece)."""
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
+
     def _piece(self, token):
         buf = ctypes.create_string_buffer(64)
         n = self.L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
@@ -607,11 +645,12 @@ class BatchTagger:
     def _eval_prefix(self):
         L = self.L
         L.llama_memory_clear(self.mem, True)
+        keeper = self.parallel  # a sequence that never takes a caption: the prefix's cells stay whole there
         for start in range(0, len(self.prefix), self.n_batch):
             chunk = self.prefix[start:start + self.n_batch]
-            self._decode([(t, start + j, 0, False) for j, t in enumerate(chunk)])
-        for seq in range(1, self.parallel):
-            L.llama_memory_seq_cp(self.mem, 0, seq, -1, -1)
+            self._decode([(t, start + j, keeper, False) for j, t in enumerate(chunk)])
+        for seq in range(self.parallel):  # the cells are shared, not copied (one unified stream)
+            L.llama_memory_seq_cp(self.mem, keeper, seq, -1, -1)
 
     # -- sampling
     def _sample(self, smpl, index):
@@ -661,10 +700,13 @@ class BatchTagger:
                         if job is None:
                             break
                         ticket, text, strict = job
-                        toks = self.tokenize(text)[:self.max_caption_tokens] + self.suffix
+                        start, feed = self.query_feed(text)
+                        if start < P:  # this sequence's copy of the prefix is cut where its tokens differ
+                            L.llama_memory_seq_rm(self.mem, s, start, -1)
                         smpl = self.samplers[s][strict]
                         L.llama_sampler_reset(smpl)
-                        slots[s] = {"ticket": ticket, "feed": toks, "pos": P, "out": [], "smpl": smpl, "text": ""}
+                        slots[s] = {"ticket": ticket, "feed": feed, "pos": start, "start": start, "out": [],
+                                    "smpl": smpl, "text": "", "force": []}
                 busy = [s for s in range(self.parallel) if slots[s] is not None]
                 if not busy:
                     return
@@ -685,16 +727,16 @@ class BatchTagger:
                 self._decode(entries)
                 for s, index in sample_at:
                     slot = slots[s]
-                    tok = self._sample(slot["smpl"], index)
+                    tok = slot["force"].pop(0) if slot["force"] else self._sample(slot["smpl"], index)
                     self.generated += 1
                     end = L.llama_vocab_is_eog(self.vocab, tok)
                     if not end and self._repeats(slot["text"], tok):
                         # A small model lists the same items again and again until the grammar's limit; the
                         # repeat adds nothing (duplicates are dropped) and costs tokens: end the list instead.
-                        if " | " in slot["text"] or self.bar is None:
+                        if " | " in slot["text"]:
                             end = True
                         else:
-                            tok = self.bar
+                            tok, slot["force"] = self.bar[0], self.bar[1:]
                     if not end:
                         L.llama_sampler_accept(slot["smpl"], tok)
                         slot["out"].append(tok)
@@ -703,13 +745,20 @@ class BatchTagger:
                     if end or len(slot["out"]) >= self.max_tokens:
                         raw = slot["text"]
                         error = None if end else f"answer cut at {self.max_tokens} tokens"
-                        L.llama_memory_seq_rm(self.mem, s, P, -1)  # the caption's cells go, the prefix stays
+                        self._release(s, slot["start"])
                         slots[s] = None
                         yield slot["ticket"], raw, error
         finally:  # an interrupted run leaves no caption cells behind, so the tagger can be used again
             for s in range(self.parallel):
                 if slots[s] is not None:
-                    L.llama_memory_seq_rm(self.mem, s, P, -1)
+                    self._release(s, slots[s]["start"])
+
+    def _release(self, s, start):
+        """Sequence s's caption cells go; the prefix stays (shared again from the keeper where it was cut)."""
+        P = len(self.prefix)
+        self.L.llama_memory_seq_rm(self.mem, s, min(start, P), -1)
+        if start < P:
+            self.L.llama_memory_seq_cp(self.mem, self.parallel, s, start, P)
 
     def __call__(self, caption, strict=False):
         jobs = [(0, caption, strict)]

