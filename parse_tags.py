@@ -12,6 +12,10 @@ Run:
     # 2. combine the shard outputs, 3. build the vocabulary (paper: 10,000 tags) and the labels
     python parse_tags.py merge --out tags/
     python parse_tags.py vocab --out tags/ --num-objects 10000 --num-attributes 10000
+    # paper Table 4's baselines (docs/ablations.md): NLTK's part-of-speech tagger instead of the LLM, and a
+    # vocabulary restricted to a given tag list (e.g. Tag2Text's)
+    python parse_tags.py parse --parser nltk --input 'cc12m/{00000..01242}.tar' --out tags_nltk/
+    python parse_tags.py vocab --out tags_nltk/ --restrict-to tag2text_tags.txt
     # or, instead of 1-3: the authors' released CC12M object tags, joined with the shards through each sample's URL
     python parse_tags.py import --tags object_list.csv --index CC12M_url_object_index.json \
         --shards 'cc12m/{00000..01242}.tar' --out tags/
@@ -121,15 +125,22 @@ def format_answer(objects, attributes):
 # ----------------------------------------------------------------------------------------------------------
 # Tag normalisation: a pure function of the LLM's lists (and, for grounding, of the caption)
 
+# Quantity nouns: dropped before a noun ('a couple of people'), an object alone ('a couple').
+QUANTITIES = {"couple", "pair", "group", "dozen", "lots", "bunch", "set", "row", "pile", "stack"}
 ARTICLES = {"a", "an", "the", "some", "many", "several", "few", "various", "lots", "of", "one", "two", "three",
-            "four", "five", "six", "seven", "eight", "nine", "ten", "dozen", "couple", "pair", "group", "this",
+            "four", "five", "six", "seven", "eight", "nine", "ten", "this",
             "that", "these", "those", "his", "her", "their", "its", "my", "our", "your", "other", "another"}
 IRREGULAR = {"men": "man", "women": "woman", "children": "child", "people": "person", "persons": "person",
              "feet": "foot", "teeth": "tooth", "mice": "mouse", "geese": "goose", "oxen": "ox", "leaves": "leaf",
              "knives": "knife", "wives": "wife", "wolves": "wolf", "calves": "calf", "halves": "half",
              "shelves": "shelf", "loaves": "loaf", "thieves": "thief", "scarves": "scarf", "lives": "life",
              "dice": "die", "cacti": "cactus", "fungi": "fungus", "criteria": "criterion", "phenomena": "phenomenon",
-             "axes": "axe", "quizzes": "quiz", "data": "data", "media": "media"}
+             "axes": "axe", "quizzes": "quiz", "data": "data", "media": "media", "hooves": "hoof", "elves": "elf",
+             "selves": "self", "dwarves": "dwarf", "wharves": "wharf"}
+# Singulars ending in -i or -u, whose plural ends in -is or -us (skis, menus): not the -is/-us singulars.
+I_U_SINGULAR = {"ski", "taxi", "bikini", "kiwi", "menu", "emu", "guru", "tutu", "sari", "salami", "martini",
+                "safari", "origami", "alibi", "khaki", "tofu", "haiku", "gnu", "zebu", "tiramisu", "bonsai",
+                "samurai", "wasabi", "jacuzzi", "kimono", "mini", "deli", "yeti", "chili", "tipi", "cockatoo"}
 # Plural-looking words that are singular or have no singular: kept as they are.
 UNCHANGED = {"glasses", "jeans", "pants", "shorts", "scissors", "trousers", "sunglasses", "series", "species",
              "news", "sheep", "fish", "deer", "clothes", "stairs", "goggles", "headphones", "tongs", "pliers",
@@ -165,6 +176,8 @@ def singularize(word):
         return IRREGULAR[word]
     if word in UNCHANGED or word in S_SINGULAR or len(word) <= 3 or not word.endswith("s"):
         return word
+    if word[:-1] in I_U_SINGULAR:
+        return word[:-1]
     if word.endswith("es") and word[:-2] in S_SINGULAR:
         return word[:-2]
     if word.endswith("ies"):
@@ -218,7 +231,8 @@ classic adult male female custom luxury antique
 COMPOUNDS = {"hot dog", "hot tub", "hot air", "hot sauce", "high chair", "high heel", "sweet potato", "green bean",
              "double decker", "flat screen", "light bulb", "light house", "white board", "black board", "red carpet",
              "teddy bear", "polar bear", "golden retriever", "fire hydrant", "cold cut", "dry cleaner", "full moon",
-             "little league", "square meter", "round table", "open house", "light switch", "dark room"}
+             "little league", "square meter", "round table", "open house", "light switch", "dark room",
+             "high school", "orange juice", "lemon juice", "lime juice", "orange peel", "orange tree"}
 
 
 def _clean_words(text):
@@ -236,11 +250,14 @@ might must it he she they we you i me him them us who what where when how why wh
 too also just not no either both each every all any as than then such own same while together other else
 something anything nothing someone everyone thing things way lots part kind type types bit
 """.split())
+# Stopwords that name a thing at the end of an object ('trash can', 'watering can'): kept in objects.
+OBJECT_STOPWORDS = STOPWORDS - {"can"}
 # -ing words that are nouns, kept as objects (other single -ing objects are actions: sitting, waiting).
 ING_NOUNS = set("""
 building ceiling painting clothing railing ring king wing string swing sling spring pudding stuffing icing
 frosting dumpling earring sibling wedding morning evening awning siding landing stocking ping bedding topping
 filling seasoning dressing drawing carving lighting fencing flooring housing sting thing ding lightning opening
+duckling sapling starling seedling gosling yearling hatchling fledgling nestling herring viking
 """.split())
 # Adjective endings that are safe enough (nouns with them are rare); -al, -ic, -ive, -en, -y are not (animal,
 # traffic, olive, kitchen, city), so those adjectives are in ADJECTIVES by name.
@@ -281,13 +298,14 @@ def normalize_tags(objects, attributes, max_object_words=3):
         return list(dict.fromkeys(i for i in items if i))
 
     attrs = [w for attr in (attributes if isinstance(attributes, list) else []) for w in _clean_words(attr)
-             if w not in ARTICLES and w not in STOPWORDS]
+             if w not in ARTICLES and w not in STOPWORDS and w not in QUANTITIES]
     objs, moved = [], []
     for obj in objects if isinstance(objects, list) else []:
         words = _clean_words(obj)
-        while words and (words[0] in ARTICLES or words[0] in STOPWORDS):
+        while words and (words[0] in ARTICLES or words[0] in OBJECT_STOPWORDS
+                         or words[0] in QUANTITIES and len(words) > 1):
             words = words[1:]
-        while words and (words[-1] in STOPWORDS or words[-1] in ARTICLES):
+        while words and (words[-1] in OBJECT_STOPWORDS or words[-1] in ARTICLES):
             words = words[:-1]
         while len(words) > 1 and (words[0] in MODIFIERS or words[0] in attrs) and \
                 f"{words[0]} {singularize(words[1])}" not in COMPOUNDS:
@@ -391,15 +409,20 @@ def parse_answer(text, caption=None, grounding=DEFAULT_GROUNDING):
 NOUN_TAGS = ("NN", "NNS")  # common nouns; proper nouns (NNP, NNPS: names, places) are no visible objects
 ADJECTIVE_TAGS = ("JJ", "JJR", "JJS")
 NLTK_DATA = "averaged_perceptron_tagger_eng"
-WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|\d+|[^\sA-Za-z\d]")  # words (t-shirt, dog's), numbers, marks
 
 
 class NltkTagger:
-    """caption -> 'objects | attributes' from NLTK's averaged perceptron tagger: each run of adjacent common
-    nouns is one object ('teddy bear'), each adjective an attribute. Same call as the LLM backends (strict is
-    ignored: a tagger has no malformed answers). tagger: any object with NLTK's .tag(tokens) (tests train one)."""
+    """caption -> 'objects | attributes' from NLTK's averaged perceptron tagger on NLTK's Penn Treebank
+    tokenisation (its tagger's training text: "dog's" -> dog 's; no download needed): each run of adjacent common
+    nouns is one object ('teddy bear'; its last 3 words, the longest object normalize_tags keeps), each adjective
+    an attribute. Same call as the LLM backends (strict is ignored: a tagger has no malformed answers).
+    tagger: any object with NLTK's .tag(tokens) (tests train one)."""
 
     def __init__(self, tagger=None):
+        try:
+            from nltk.tokenize import TreebankWordTokenizer
+        except ImportError:
+            raise FileNotFoundError("--parser nltk needs the nltk package: pip install nltk") from None
         if tagger is None:
             try:
                 from nltk.tag import PerceptronTagger
@@ -407,28 +430,31 @@ class NltkTagger:
             except LookupError:
                 raise FileNotFoundError(f"NLTK's tagger data is missing: run `python -m nltk.downloader "
                                         f"{NLTK_DATA}`") from None
-        self.tagger = tagger
+        self.tagger, self.words = tagger, TreebankWordTokenizer()
         self.prefix_text, self.suffix_text = "nltk", NLTK_DATA
 
     def __call__(self, caption, strict=False):
         objects, attributes, run = [], [], []
-        for word, tag in self.tagger.tag(WORD.findall(caption)) + [("", "")]:
+        for word, tag in self.tagger.tag(self.words.tokenize(caption)) + [("", "")]:
             if tag in NOUN_TAGS:
                 run.append(word)
                 continue
             if run:
-                objects.append(" ".join(run[-3:]))  # normalize_tags keeps objects of up to 3 words
+                objects.append(" ".join(run[-3:]))
                 run = []
             if tag in ADJECTIVE_TAGS:
                 attributes.append(word)
         return format_answer(objects, attributes)
 
     def settings(self, grounding):
-        """What decides a record (as parse_settings for an LLM): the tagger's weights and the tag sets."""
+        """What decides a record (as parse_settings for an LLM): the tagger (weights, word -> tag dictionary,
+        classes), the tag sets and the caption cut."""
         import pickle
         model = getattr(self.tagger, "model", None)
-        weights = pickle.dumps(sorted((f, sorted(w.items())) for f, w in getattr(model, "weights", {}).items()))
-        digest = hashlib.blake2b(weights + repr((NOUN_TAGS, ADJECTIVE_TAGS)).encode(), digest_size=8).hexdigest()
+        state = (sorted((f, sorted(w.items())) for f, w in getattr(model, "weights", {}).items()),
+                 sorted(getattr(self.tagger, "tagdict", {}).items()), sorted(getattr(self.tagger, "classes", ())),
+                 NOUN_TAGS, ADJECTIVE_TAGS, MAX_CAPTION_CHARS)
+        digest = hashlib.blake2b(pickle.dumps(state), digest_size=8).hexdigest()
         return {"parser": "nltk", "tagger": digest, "grounding": grounding}
 
 
@@ -1304,13 +1330,19 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
 # Vocabulary and labels
 
 def read_tag_list(path):
-    """A tag list, one tag a line (e.g. Tag2Text's 4,585 tags), normalised as parsed tags are (lower case, the
-    last word singular), for `vocab --restrict-to`."""
+    """A tag list, one tag a line (e.g. Tag2Text's 4,585 tags), for `vocab --restrict-to`: each entry as
+    normalize_tags makes an object and an attribute of it (lower case, articles dropped, the last word singular,
+    a leading describing word split off), so that it names the parsed tags the way the parser would.
+    Returns {entry: the normalised tags it allows}."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--restrict-to {path} not found (one tag a line)")
     with open(path, encoding="utf-8") as f:
-        tags = {" ".join(w[:-1] + [singularize(w[-1])]) for line in f if (w := _clean_words(line))}
-    if not tags:
+        entries = [line.strip() for line in f if line.strip()]
+    tags = {}
+    for entry in entries:
+        objects, attributes = normalize_tags([entry], [entry])
+        tags[entry] = set(objects) | set(attributes)
+    if not any(tags.values()):
         raise ValueError(f"--restrict-to {path} holds no tag")
     return tags
 
@@ -1321,7 +1353,8 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=No
     the contrastive loss). restrict_to: a tag list file (read_tag_list); only tags on it are candidates (paper
     Table 4's Tag2Text rows). Streams parsed.jsonl twice (counts, then indices into compact arrays), so memory
     is the vocabulary plus a few bytes a tag, not Python objects per record."""
-    allowed = read_tag_list(restrict_to) if restrict_to else None
+    listed = read_tag_list(restrict_to) if restrict_to else None
+    allowed = set().union(*listed.values()) if listed else None
     path = os.path.join(out_dir, "parsed.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
@@ -1351,6 +1384,12 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=No
         top = sorted(candidates, key=lambda kv: (-kv[1], kv[0]))[:k]
         vocab[kind] = [{"tag": t, "count": c, "freq": c / n} for t, c in top]
     vocab["num_samples"] = n
+    if listed:  # which list, and how much of it the parsed tags use (a list that misses says so)
+        used = {e["tag"] for kind in ("objects", "attributes") for e in vocab[kind]}
+        vocab["restricted_to"] = {"file": os.path.abspath(restrict_to), "entries": len(listed),
+                                  "entries_used": sum(bool(t & used) for t in listed.values())}
+        print(f"--restrict-to {restrict_to}: {vocab['restricted_to']['entries_used']:,} of {len(listed):,} "
+              "entries are among the tags kept", file=sys.stderr)
     del counts
 
     # img2dataset keys are fixed-width digits (strings sort as the numbers do): an int64 tensor (searchsorted)
@@ -2133,6 +2172,8 @@ def main():
             raise ValueError(f"--shard {args.shard}: need 0 <= i < n")
         files = input_files(args.input)
         if args.parser == "nltk":
+            if args.model or args.hf_repo or args.chat_format:
+                raise ValueError("--parser nltk uses no LLM: drop --model, --hf-repo and --chat-format")
             backend = NltkTagger()
             settings = backend.settings(args.grounding)
         elif args.hf_repo and not args.hf_file:

@@ -408,7 +408,7 @@ def gather_with_grad(x):
 
 TAG_LOSSES = ("balanced", "plain", "weighted", "focal", "asymmetric")  # paper Table 6 (+ the authors' plain)
 FOCAL = {"gamma": 2.0, "alpha": 0.25}  # Lin et al. 2017, their best setting
-ASYMMETRIC = {"gamma_neg": 4.0, "gamma_pos": 0.0, "margin": 0.05}  # Ridnik et al. 2021, their defaults
+ASYMMETRIC = {"gamma_neg": 4.0, "gamma_pos": 0.0, "margin": 0.05}  # Ridnik et al. 2021, their recommended one
 SIGMOID_PRIOR = 0.01  # sigmoid losses: logit s_k - log((1 - pi) / pi), Lin et al.'s prior pi (fixed here)
 
 
@@ -428,7 +428,9 @@ def sigmoid_tag_losses(s, labels, kind):
     - focal (Lin et al. 2017): -alpha (1 - p)^gamma log p for a tag the image has, -(1 - alpha) p^gamma
       log(1 - p) for one it has not; gamma 2, alpha 0.25;
     - asymmetric (Ridnik et al. 2021): -(1 - p)^gamma+ log p, and -p_m^gamma- log(1 - p_m) with the shifted
-      probability p_m = max(p - m, 0); gamma+ 0, gamma- 4, margin m 0.05."""
+      probability p_m = max(p - m, 0); gamma+ 0, gamma- 4, margin m 0.05.
+    The gradient flows through the focusing weights ((1 - p)^gamma, p_m^gamma-), as in Lin et al.'s
+    definition (Ridnik et al.'s training code can detach them)."""
     x = s - math.log((1 - SIGMOID_PRIOR) / SIGMOID_PRIOR)
     p = torch.sigmoid(x)
     if kind == "focal":

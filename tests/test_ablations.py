@@ -23,6 +23,7 @@ CORPUS = [
     "a/DT red/JJ circle/NN on/IN a/DT plain/JJ background/NN",
     "a/DT large/JJ green/JJ square/NN and/CC a/DT small/JJ blue/JJ triangle/NN ./.",
     "there/EX is/VBZ a/DT yellow/JJ circle/NN in/IN the/DT picture/NN ./.",
+    "a/DT dog/NN 's/POS red/JJ ball/NN in/IN the/DT man/NN 's/POS hand/NN",
 ]
 
 
@@ -49,6 +50,9 @@ def test_nltk_parser_tags_captions_labelled_by_hand():
         raw = tagger(caption)
         assert parse_tags.parse_answer(raw, caption) == expected, (caption, raw)
     assert tagger("the old man holds a blue umbrella in the rain") == "man, umbrella, rain | old, blue"
+    # Penn Treebank tokens, as the tagger was trained on: the possessive is a token of its own
+    assert parse_tags.parse_answer(tagger("the old man's blue umbrella"), "the old man's blue umbrella") == \
+        (["man", "umbrella"], ["old", "blue"])
 
 
 def test_nltk_data_missing_is_one_line(monkeypatch, tmp_path):
@@ -82,12 +86,16 @@ def test_parse_with_nltk_end_to_end_then_restricted_vocab_and_training(tmp_path,
     assert cli("parse", "--parser", "nltk", "--input", str(tmp_path / "000000.tar"))["resumed"] == 12
     settings = json.load(open(out / "parsed.0-of-1.settings.json"))
     assert settings["parser"] == "nltk"
+    with pytest.raises(parse_tags.SettingsMismatch, match="other settings"):  # no LLM records on NLTK ones
+        parse_tags.parse_captions([("x", "a dog")], lambda text, strict=False: "dog | -", str(out),
+                                  settings={"model_bytes": 1, "model_head": "0", "grounding": "all", "prompt": "p"})
     cli("merge")
     (tmp_path / "tag2text.txt").write_text("Circles\nsquare\nred\nblue\ngreen\nzebra\n")
     cli("vocab", "--restrict-to", str(tmp_path / "tag2text.txt"))
     vocab = json.load(open(out / "vocab.json"))
     assert [e["tag"] for e in vocab["objects"]] == ["circle", "square"]  # no background: not on the list
     assert sorted(e["tag"] for e in vocab["attributes"]) == ["blue", "green", "red"]
+    assert vocab["restricted_to"]["entries"] == 6 and vocab["restricted_to"]["entries_used"] == 5  # no zebra
     import torch
     from conftest import TINY, random_state_dict
     torch.save(random_state_dict(TINY, seed=2), tmp_path / "clip.pt")

@@ -70,6 +70,16 @@ class FakeLLM:
     # stays an attribute
     (["person", "puppy", "beach", "red"], ["person", "puppy", "beach", "red", "happy"], (["person", "puppy", "beach"],
                                                                                         ["red", "happy"])),
+    # CC-style captions: 'can' ends an object; 'couple' is a quantity before a noun, an object alone; -i/-u
+    # plurals; singular -ing nouns; compounds that start with a colour or a size; -ves plurals
+    (["trash can", "watering cans", "can"], ["stainless"], (["trash can", "watering can", "can"], ["stainless"])),
+    (["couple", "a couple of people", "pair of shoes"], [], (["couple", "person", "shoe"], [])),
+    (["skis", "taxis", "bikinis", "kiwis", "menus", "emus", "gurus"], [],
+     (["ski", "taxi", "bikini", "kiwi", "menu", "emu", "guru"], [])),
+    (["duckling", "sapling", "starling", "ducklings"], [], (["duckling", "sapling", "starling"], [])),
+    (["orange juice", "high school student", "red bus"], [], (["orange juice", "high school student", "bus"],
+                                                              ["red"])),
+    (["hooves", "elves"], [], (["hoof", "elf"], [])),
 ])
 def test_normalize_tags(objects, attributes, expected):
     assert parse_tags.normalize_tags(objects, attributes) == expected
