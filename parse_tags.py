@@ -455,7 +455,7 @@ class NltkTagger:
                  sorted(getattr(self.tagger, "tagdict", {}).items()), sorted(getattr(self.tagger, "classes", ())),
                  NOUN_TAGS, ADJECTIVE_TAGS, MAX_CAPTION_CHARS)
         digest = hashlib.blake2b(pickle.dumps(state), digest_size=8).hexdigest()
-        return {"parser": "nltk", "tagger": digest, "grounding": grounding}
+        return {"parser": "nltk", "tagger": digest, "grounding": grounding, "rules": rules_version()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1082,7 +1082,21 @@ def parse_settings(model_path, prompt_text, grounding):
         head = hashlib.blake2b(f.read(1 << 20), digest_size=8).hexdigest()
     prompt = json.dumps([prompt_text, ANSWER_GRAMMAR, STRICT_GRAMMAR, MAX_CAPTION_CHARS])
     return {"model_bytes": os.path.getsize(model_path), "model_head": head, "grounding": grounding,
-            "prompt": hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).hexdigest()}
+            "prompt": hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).hexdigest(), "rules": rules_version()}
+
+
+def rules_version():
+    """A hash of the tag rules: the code of the functions that turn a raw answer into tags and the word lists
+    they read. Recorded with the records: a rule change is not mixed into a run silently (`rederive` applies
+    today's rules to the stored raw answers instead)."""
+    import inspect
+    code = [inspect.getsource(f) for f in (split_answer, parse_answer, normalize_tags, ground_tags, singularize,
+                                           describes, _clean_words)]
+    words = [sorted(w.items()) if isinstance(w, dict) else sorted(w) for w in (
+        ARTICLES, QUANTITIES, IRREGULAR, I_U_SINGULAR, UNCHANGED, S_SINGULAR, IE_SINGULAR, CHE_SINGULAR, O_ES,
+        ADJECTIVES, MATERIALS, MORE_ADJECTIVES, NOUNS_TOO, COMPOUNDS, STOPWORDS, OBJECT_STOPWORDS, ING_NOUNS,
+        DESCRIBING_ENDINGS, GROUNDING)]
+    return hashlib.blake2b(json.dumps([code, words]).encode("utf-8"), digest_size=8).hexdigest()
 
 
 class SettingsMismatch(ValueError):
@@ -1201,7 +1215,7 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
                 if error:
                     raise ValueError(error)
                 objects, attributes = parse_answer(raw, text, grounding)
-                result = {"objects": objects, "attributes": attributes}
+                result = {"objects": objects, "attributes": attributes, "raw": raw}  # raw: for `rederive`
                 cache[h] = result
             except ValueError as e:
                 if not strict:
@@ -1219,6 +1233,49 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
             raise RuntimeError(f"the LLM backend ended with {len(pending)} captions unanswered")
     with open(done_marker, "w", encoding="utf-8") as f:  # the whole input was read
         json.dump(dict(stats), f)
+    return dict(stats)
+
+
+def rederive(samples, out_dir, shard=0, num_shards=1):
+    """Today's tag rules applied to the raw answers stored in out_dir/parsed.{shard}-of-{n}.jsonl, without a
+    model: each record with a raw answer gets the tags parse_answer makes of it now (or the reason it fails),
+    grounded in its caption (read again from `samples`, the shard's input: records keep only the caption's
+    hash) with the grounding the shard was parsed with. The file is rewritten in one piece (a temporary file,
+    then renamed) and its settings take today's rules version, so a resume or a merge goes on with them.
+    Memory: the shard's records and the captions they need. Returns counts."""
+    path = os.path.join(out_dir, f"parsed.{shard}-of-{num_shards}.jsonl")
+    settings_path = path[:-len(".jsonl")] + ".settings.json"
+    settings = read_settings(settings_path)
+    if not os.path.isfile(path) or settings is None:
+        raise FileNotFoundError(f"no records with settings at {path}: nothing to rederive")
+    records = list(read_records(path))
+    needed = {r["h"] for r in records if r.get("raw")}
+    texts = {}
+    for _, caption in samples:
+        text = prepare_caption(caption)
+        h = caption_hash(text, prepared=True)
+        if h in needed:
+            texts[h] = text
+    stats = Counter(records=len(records))
+    tmp = path + ".rederive"
+    with open(tmp, "w", encoding="utf-8") as out:
+        for rec in records:
+            if rec.get("raw") and rec["h"] in texts:
+                try:
+                    objects, attributes = parse_answer(rec["raw"], texts[rec["h"]], settings["grounding"])
+                    new = {"key": rec["key"], "h": rec["h"], "objects": objects, "attributes": attributes,
+                           "raw": rec["raw"]}
+                except ValueError as e:
+                    new = {"key": rec["key"], "h": rec["h"], "error": f"rederived: {e}", "raw": rec["raw"]}
+                stats["changed"] += new != rec
+                rec = new
+            else:
+                stats["kept_without_raw" if not rec.get("raw") else "caption_not_in_input"] += 1
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    with open(settings_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({**settings, "rules": rules_version()}, f, indent=1)
+    os.replace(settings_path + ".tmp", settings_path)
     return dict(stats)
 
 
@@ -2092,8 +2149,9 @@ def import_summary(r, out, errors):
 
 def main():
     parser = argparse.ArgumentParser(description="LLM tag parsing for TagAlign")
-    parser.add_argument("command", choices=["parse", "merge", "vocab", "import"],
-                        help="parse captions, merge shards, build vocab; or import the authors' released tags")
+    parser.add_argument("command", choices=["parse", "merge", "vocab", "import", "rederive"],
+                        help="parse captions, merge shards, build vocab; rederive: today's tag rules on the stored raw "
+                        "answers (no model; the parse's --input and --shard); or import the authors' released tags")
     parser.add_argument("--out", required=True, help="output folder (results, vocab.json, labels.pt)")
     parser.add_argument("--input", nargs="+", default=[], help="caption files: .tar shards, .jsonl, .csv/.tsv; globs and {a..b} braces")
     parser.add_argument("--caption-column", default="caption", help="caption column/field name (or 0-based index)")
@@ -2171,6 +2229,12 @@ def main():
         if not 0 <= shard < num_shards:
             raise ValueError(f"--shard {args.shard}: need 0 <= i < n")
         files = input_files(args.input)
+        if args.command == "rederive":  # the same --input, reading flags and --shard as the parse
+            read_kw = dict(key_column=args.key_column, caption_column=args.caption_column,
+                           has_header=not args.no_header, quoted_tsv=args.quoted_tsv)
+            samples = shard_samples(files, shard, num_shards, lambda path, error: None, **read_kw)
+            print(json.dumps(rederive(samples, args.out, shard, num_shards)))
+            return
         if args.parser == "nltk":
             if args.model or args.hf_repo or args.chat_format:
                 raise ValueError("--parser nltk uses no LLM: drop --model, --hf-repo and --chat-format")

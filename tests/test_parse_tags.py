@@ -331,7 +331,8 @@ def test_batched_backend_writes_in_input_order_with_retries_and_dedupe(tmp_path)
     one_at_a_time = tmp_path / "seq"
     parse_tags.parse_captions(iter(samples), FakeLLM(), str(one_at_a_time), progress=False)
     assert recs == records(one_at_a_time / "parsed.0-of-1.jsonl")  # same records, whatever the finishing order
-    assert recs[40] == {"key": "000040", "h": recs[40]["h"], "objects": ["garble", "horse"], "attributes": ["brown"]}
+    assert recs[40] == {"key": "000040", "h": recs[40]["h"], "objects": ["garble", "horse"], "attributes": ["brown"],
+                        "raw": '{"objects": ["garble", "horse"], "attributes": ["brown"]}'}  # the strict retry's
     assert recs[41]["objects"] == ["garble", "horse"] and recs[43]["objects"] == [] and "error" not in recs[43]
     assert stats["retries"] == 2 and stats["failed"] == 1  # garble (fixed by the retry) and hopeless (recorded)
     # identical captions are sent once, also while the first is still in flight (000041 waits for 000040)
@@ -404,7 +405,7 @@ def test_parse_settings_name_the_model_by_content_and_the_prompt_as_rendered(tmp
     a = parse_tags.parse_settings(str(tmp_path / "model.gguf"), "USER: \x01 ASSISTANT:", "all")
     assert parse_tags.parse_settings(str(tmp_path / "linked.gguf"), "USER: \x01 ASSISTANT:", "all") == a
     assert parse_tags.parse_settings(str(tmp_path / "model.gguf"), "<|im_start|>user \x01", "all")["prompt"] != a["prompt"]
-    assert set(a) == {"model_bytes", "model_head", "grounding", "prompt"}  # not --max-tokens: a retry may raise it
+    assert set(a) == {"model_bytes", "model_head", "grounding", "prompt", "rules"}  # not --max-tokens: a retry may raise it
 
 
 def test_settings_are_recorded_and_a_resume_or_merge_with_others_refused(tmp_path, capsys):
@@ -526,7 +527,7 @@ def test_real_model_valid_structure_on_real_captions(batched):
     results = tag_all(batched, captions)
     assert len(results) == len(captions)
     for caption, result in zip(captions, results):
-        assert set(result) in ({"objects", "attributes"}, {"error", "raw"}), caption
+        assert set(result) in ({"objects", "attributes", "raw"}, {"objects", "attributes"}, {"error", "raw"}), caption
         if "error" not in result:
             for tag in result["objects"] + result["attributes"]:
                 assert tag == tag.lower().strip() and not any(ch.isdigit() for ch in tag)
@@ -565,7 +566,7 @@ def test_real_model_batched_agrees_with_one_at_a_time(batched):
     captions = shared_lines("coco_captions.txt")[100:120] + shared_lines("cc_captions.txt")[100:120]
     single = parse_tags.BatchTagger(parse_tags.smollm2_path(), parallel=1, n_threads=2)
     one, many = tag_all(single, captions), tag_all(batched, captions)
-    as_sets = lambda r: {k: set(v) if isinstance(v, list) else v for k, v in r.items()}
+    as_sets = lambda r: {k: set(v) if isinstance(v, list) else v for k, v in r.items() if k != "raw"}
     differ = [(c, a, b) for c, a, b in zip(captions, one, many) if as_sets(a) != as_sets(b)]
     print(f"batched vs one-at-a-time: {40 - len(differ)}/40 records with the same tags; {differ}")
     assert len(differ) <= 4, differ
@@ -777,3 +778,36 @@ def test_the_forced_bar_keeps_the_answer_grammatical(vocab, vicuna_vocab):
     attrs = t.tokenize("a | small")[len(t.tokenize("a |")):]
     assert t.bar and t.pieces_of(t.bar) == " |"
     assert grammar_accepts(t, parse_tags.ANSWER_GRAMMAR, objects + t.bar + attrs)
+
+
+def test_raw_answers_are_kept_and_rederived_under_new_rules_without_a_model(tmp_path, monkeypatch, capsys):
+    """Each record keeps the LLM's raw answer and the shard's settings the rules' version: after a rule change a
+    resume is refused (two normalisations would mix), and `rederive` applies today's rules to the stored answers
+    (grounded in the captions read again), without calling the model; the resume then goes on."""
+    samples = [("000001", "a cat on a mat"), ("000002", "two skis in the snow"), ("000003", "")]
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"key": k, "caption": c}) + "\n" for k, c in samples))
+    answers = {"a cat on a mat": "cat, mat | -", "two skis in the snow": "skis, snow | -"}
+    llm = lambda text, strict=False: answers[text]
+    settings = {"model_bytes": 1, "model_head": "m", "grounding": "all", "prompt": "p",
+                "rules": parse_tags.rules_version()}
+    out = tmp_path / "o"
+    parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=settings)
+    recs = records(out / "parsed.0-of-1.jsonl")
+    assert [r.get("raw") for r in recs] == ["cat, mat | -", "skis, snow | -", ""]  # no LLM for an empty caption
+    assert recs[1]["objects"] == ["ski", "snow"]
+    # a rule change: 'snow' becomes a function word
+    monkeypatch.setattr(parse_tags, "STOPWORDS", parse_tags.STOPWORDS | {"snow"})
+    monkeypatch.setattr(parse_tags, "OBJECT_STOPWORDS", parse_tags.OBJECT_STOPWORDS | {"snow"})
+    new = {**settings, "rules": parse_tags.rules_version()}
+    assert new["rules"] != settings["rules"]
+    with pytest.raises(parse_tags.SettingsMismatch, match="rules"):
+        parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=new)
+    monkeypatch.setattr(sys, "argv", ["parse_tags.py", "rederive", "--input", str(tmp_path / "caps.jsonl"),
+                                      "--out", str(out)])
+    parse_tags.main()
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats == {"records": 3, "changed": 1, "kept_without_raw": 1}
+    recs = records(out / "parsed.0-of-1.jsonl")
+    assert recs[1]["objects"] == ["ski"] and recs[1]["raw"] == "skis, snow | -" and recs[0]["objects"] == ["cat", "mat"]
+    stats = parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=new)  # the resume goes on
+    assert stats["skipped"] == 3
