@@ -33,6 +33,7 @@ and parquet files). Its CSV reading and the index's numbering are checked agains
 --tag-column, --index-base settle what the files leave open).
 """
 import argparse
+import contextlib
 import ctypes
 import csv
 import glob
@@ -44,6 +45,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -1103,6 +1105,21 @@ class SettingsMismatch(ValueError):
     """Records on disk were made with other settings than this run's."""
 
 
+def exclusive(path, what):
+    """An exclusive lock on the file `path`, held while the returned file stays open (flock: released when the
+    process ends, however it ends), so that a second process on the same shard (or merge) is refused with one
+    line instead of interleaving its records or deleting the first one's files."""
+    import fcntl
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(f"another process is writing {what} (it holds {path}); wait for it, or stop it "
+                         "first") from None
+    return f
+
+
 def read_settings(path):
     """A shard's recorded settings, or None when there are none or the file is damaged (said on stderr: e.g.
     zero-filled after a node crash)."""
@@ -1335,6 +1352,15 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
                                f"({recorded[first]} vs {recorded[other]}); parse them again with the same model, "
                                "chat format and flags")
     path = os.path.join(out_dir, "parsed.jsonl")
+    with exclusive(os.path.join(out_dir, "merge.lock"), f"{out_dir}/parsed.jsonl"):
+        for stale in glob.glob(os.path.join(out_dir, ".merge-*")):  # a merge killed with -9 left its runs
+            shutil.rmtree(stale, ignore_errors=True)
+        stats = _merge_runs(shards, path, out_dir, run_records)
+    return {**stats, "missing_shards": missing, "unfinished_shards": unfinished}
+
+
+def _merge_runs(shards, path, out_dir, run_records):
+    """merge's work: sorted runs in a temporary folder, then the k-way merge into path."""
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".merge-") as tmp:
         runs, chunk = [], []
 
@@ -1379,8 +1405,7 @@ def merge(out_dir, run_records=MERGE_RUN_RECORDS):
             for f in files:
                 f.close()
     os.replace(path + ".tmp", path)
-    return {"records": records, "failed": failed, "shards": len(shards), "missing_shards": missing,
-            "unfinished_shards": unfinished, "damaged_lines": damaged}
+    return {"records": records, "failed": failed, "shards": len(shards), "damaged_lines": damaged}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2229,6 +2254,9 @@ def main():
         if not 0 <= shard < num_shards:
             raise ValueError(f"--shard {args.shard}: need 0 <= i < n")
         files = input_files(args.input)
+        os.makedirs(args.out, exist_ok=True)  # one process per shard: a second one is refused here, before it
+        lock = exclusive(os.path.join(args.out, f"parsed.{shard}-of-{num_shards}.lock"),  # loads a model or
+                         f"shard {shard} of {num_shards} in {args.out}")  # touches the shard's files
         if args.command == "rederive":  # the same --input, reading flags and --shard as the parse
             read_kw = dict(key_column=args.key_column, caption_column=args.caption_column,
                            has_header=not args.no_header, quoted_tsv=args.quoted_tsv)
@@ -2247,6 +2275,7 @@ def main():
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     run_parse(args, files, shard, num_shards, backend, settings)
+    lock.close()
 
 
 def llm_backend(args):
@@ -2261,8 +2290,8 @@ def llm_backend(args):
 
 
 def run_parse(args, files, shard, num_shards, backend, settings):
-    """`parse` for one shard with a ready backend (LLM or NLTK): records, resume and settings as parse_captions."""
-    os.makedirs(args.out, exist_ok=True)
+    """`parse` for one shard with a ready backend (LLM or NLTK): records, resume and settings as parse_captions;
+    main holds the shard's lock."""
     report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
     read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
                    quoted_tsv=args.quoted_tsv)

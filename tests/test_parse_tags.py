@@ -811,3 +811,30 @@ def test_raw_answers_are_kept_and_rederived_under_new_rules_without_a_model(tmp_
     assert recs[1]["objects"] == ["ski"] and recs[1]["raw"] == "skis, snow | -" and recs[0]["objects"] == ["cat", "mat"]
     stats = parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=new)  # the resume goes on
     assert stats["skipped"] == 3
+
+
+def test_one_writer_per_shard_and_merge_cleans_a_killed_merge(tmp_path):
+    """A second process on a shard is refused with one line before it loads a model or touches the shard's
+    files (the first one's errors file stays); a second merge likewise; a merge killed with -9 leaves its runs in
+    a .merge-* folder, which the next merge removes."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (tmp_path / "caps.tsv").write_text("key\tcaption\n1\ta dog\n")
+    (out / "errors.0-of-1.jsonl").write_text('{"file": "x", "error": "the first run\'s"}\n')
+    cli = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "parse_tags.py"), *a, "--out", str(out)],
+                                    capture_output=True, text=True, timeout=300)
+    held = parse_tags.exclusive(str(out / "parsed.0-of-1.lock"), "shard 0 of 1")
+    r = cli("parse", "--parser", "nltk", "--input", str(tmp_path / "caps.tsv"))
+    assert r.returncode != 0 and r.stderr.startswith("error: another process is writing shard 0 of 1")
+    assert "Traceback" not in r.stderr and "the first run" in (out / "errors.0-of-1.jsonl").read_text()
+    held.close()
+    with open(out / "parsed.0-of-1.jsonl", "w") as f:
+        f.write(json.dumps({"key": "1", "h": "x", "objects": ["dog"], "attributes": []}) + "\n")
+    held = parse_tags.exclusive(str(out / "merge.lock"), "merge")
+    r = cli("merge")
+    assert r.returncode != 0 and "another process is writing" in r.stderr
+    held.close()
+    (out / ".merge-killed").mkdir()
+    (out / ".merge-killed" / "run0").write_text("a whole copy of the records\n")
+    assert cli("merge").returncode == 0
+    assert not list(out.glob(".merge-*")) and records(out / "parsed.jsonl")[0]["objects"] == ["dog"]
