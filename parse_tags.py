@@ -49,6 +49,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 from array import array
 from collections import Counter, deque
 
@@ -516,7 +517,8 @@ class LlamaTagger:
 
 class BatchTagger:
     """Many captions decoded together with llama.cpp's low-level API (continuous batching):
-    - the rules + examples prefix is evaluated once, in sequence 0, and its KV cache copied to every sequence;
+    - the rules + examples prefix is evaluated once, in a keeper sequence, and its KV cells shared with every
+      sequence;
     - each of `parallel` sequences holds one caption; each step decodes one batch holding the next token of
       every sequence (a new caption's prompt tokens enter the same batch);
     - each sequence samples greedily under its own grammar state (ANSWER_GRAMMAR, or STRICT_GRAMMAR for a
@@ -529,12 +531,12 @@ class BatchTagger:
     PROBES = ("A", "a", "1", ".", "-", " x", "é", "person")  # caption starts: where the prefix's tokens end
 
     def __init__(self, model_path, chat_format=None, parallel=32, n_threads=None, n_gpu_layers=None,
-                 max_tokens=48, kv_unified=True, n_batch=512, vocab_only=False):
+                 max_tokens=48, n_batch=512, vocab_only=False):
         import llama_cpp as L
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"GGUF model not found: {model_path} (pass --model PATH or --hf-repo/--hf-file)")
-        if parallel < 1:
-            raise ValueError(f"parallel must be >= 1, got {parallel}")
+        if not 1 <= parallel <= 255:  # llama.cpp holds 256 sequences; one keeps the prompt
+            raise ValueError(f"--parallel must be 1..255, got {parallel}")
         self.L, self.parallel, self.max_tokens = L, parallel, max_tokens
         _quiet_llama_log(L)
         L.llama_backend_init()
@@ -555,6 +557,12 @@ class BatchTagger:
         # prefix of queries beginning with different characters (a trailing space merges into the next word).
         probes = [self.query_tokens(p) for p in self.PROBES]
         self.prefix = probes[0][:min(common_length(probes[0], q) for q in probes[1:])]
+        # llama.cpp tokenises the text between special tokens piece by piece: from the prompt's last special
+        # token on, a query's tokens are those of its own short tail (checked on the probes, else the whole)
+        self.head, self.tail = self._split_at_last_special()
+        if any(self.head + self.tokenize(self.tail + p + self.suffix_text, parse_special=True) != q
+               for p, q in zip(self.PROBES, probes)):
+            self.head = None
         self.suffix = self.tokenize(self.suffix_text, add_special=False, parse_special=True)
         # " |" in the middle of an answer (alone, SentencePiece would give it a leading space of its own): forced,
         # token by token, to end the object list early (see run)
@@ -564,19 +572,19 @@ class BatchTagger:
         if vocab_only:
             return
         # KV cells: each sequence needs room for the longest caption prepare_caption lets through + the answer.
-        # With one unified stream the prefix cells are shared, so they count once (a stream per sequence holds a
-        # prefix each); n_batch cells of slack. E.g. a 330-token prefix, parallel 128: 50 k cells, not 98 k.
+        # In the one unified stream the prefix cells are shared, so they count once; n_batch cells of slack.
+        # E.g. a 330-token prefix, parallel 128: 50 k cells, not the 98 k of a prefix per sequence.
         per_seq = self.max_caption_tokens + len(self.suffix) + max_tokens + 8
-        cells = len(self.prefix) + parallel * per_seq + n_batch if kv_unified else \
-            (parallel + 1) * (len(self.prefix) + per_seq)
+        cells = len(self.prefix) + parallel * per_seq + n_batch
         cparams = L.llama_context_default_params()
         cparams.n_ctx = self.kv_cells = -(-cells // 256) * 256
         cparams.n_batch = cparams.n_ubatch = max(n_batch, parallel)
         cparams.n_seq_max = parallel + 1  # the last sequence keeps the prefix alone (see _release)
         cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
         # One KV stream shared by all sequences (the prefix cells are shared, not copied): measured 2x faster here
-        # than a stream per sequence, whose copies and per-stream batch splits cost more than they save.
-        cparams.kv_unified = kv_unified
+        # than a stream per sequence, whose copies and per-stream batch splits cost more than they save (and
+        # _release copies part of the prefix, which llama.cpp does only within one stream).
+        cparams.kv_unified = True
         cparams.no_perf = True
         self.n_batch = cparams.n_batch
         self.ctx = L.llama_init_from_model(self.model, cparams)
@@ -589,6 +597,8 @@ class BatchTagger:
         self.cand = (L.llama_token_data * self.n_vocab)()
         self.cand_view = np.frombuffer(self.cand, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
         self.cand_arr = L.llama_token_data_array(data=self.cand, size=self.n_vocab, selected=-1, sorted=False)
+        self.cand_ref = ctypes.byref(self.cand_arr)
+        self.decode_seconds = 0.0  # time inside llama_decode, for the benchmark (the rest of run is Python)
         self.generated = 0  # tokens sampled (answer tokens + the end token), for the benchmark
         self.pieces = _PieceCache(self)
         self._eval_prefix()
@@ -639,14 +649,27 @@ class BatchTagger:
         answer."""
         return self.tokenize(self.prefix_text + caption + self.suffix_text, add_special=True, parse_special=True)
 
+    def _split_at_last_special(self):
+        """(tokens of the prompt before its last special token, the prompt's text from that token on)."""
+        L = self.L
+        toks = self.tokenize(self.prefix_text, add_special=True, parse_special=True)
+        for j in range(len(toks) - 1, 0, -1):
+            if L.llama_vocab_is_control(self.vocab, toks[j]) or L.llama_vocab_is_eog(self.vocab, toks[j]):
+                cut = self.prefix_text.rfind(self._piece(toks[j], special=True).decode("utf-8", "replace"))
+                if cut >= 0:
+                    return toks[:j], self.prefix_text[cut:]
+        return [], self.prefix_text
+
     def query_feed(self, caption):
         """(start, tokens): what a sequence decodes for this caption, from position start on, after the cached
         prefix's first `start` tokens (start is the whole prefix unless the caption's first characters merge
         into its last token). A caption too long for its KV cells is cut by characters."""
-        toks = self.query_tokens(caption)
+        tokens = self.query_tokens if self.head is None else \
+            lambda text: self.head + self.tokenize(self.tail + text + self.suffix_text, parse_special=True)
+        toks = tokens(caption)
         while len(toks) - len(self.prefix) > self.max_caption_tokens + len(self.suffix):
             caption = caption[:len(caption) * 3 // 4]
-            toks = self.query_tokens(caption)
+            toks = tokens(caption)
         start = common_length(toks, self.prefix)
         return start, toks[start:]
 
@@ -654,9 +677,9 @@ class BatchTagger:
         """The text of a token sequence (as the answer builds it, piece by piece)."""
         return b"".join(self._piece(t) for t in tokens).decode("utf-8", "replace")
 
-    def _piece(self, token):
+    def _piece(self, token, special=False):
         buf = ctypes.create_string_buffer(64)
-        n = self.L.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        n = self.L.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         return buf.raw[:max(n, 0)]
 
     def _decode(self, entries):
@@ -666,7 +689,9 @@ class BatchTagger:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
             b.seq_id[i][0] = seq
         b.n_tokens = len(entries)
+        start = time.perf_counter()
         rc = self.L.llama_decode(self.ctx, b)
+        self.decode_seconds += time.perf_counter() - start
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): KV cache full or a backend error")
 
@@ -681,16 +706,16 @@ class BatchTagger:
             L.llama_memory_seq_cp(self.mem, keeper, seq, -1, -1)
 
     # -- sampling
-    def _sample(self, smpl, index):
+    def _sample(self, smpl, logits, top):
         """Greedy under the grammar, exactly: the best token the grammar allows (the caller accepts it into the
-        grammar state). Checking the plain argmax first
-        (then the top 64, then the whole vocabulary) gives the same token as constraining every token, at a
-        fraction of the cost (the grammar check per token is the expensive part)."""
+        grammar state). logits: this sequence's row; top: its argmax (taken for every sequence at once). The
+        argmax alone is checked first (a one-token pass of the grammar, as llama.cpp's own sampler chain does),
+        then the top 64, then the whole vocabulary: the same token as constraining every token, at a fraction of
+        the cost (the grammar check per token is the expensive part)."""
         L = self.L
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
         for k in (1, 64, self.n_vocab):
             if k == 1:
-                ids = np.argmax(logits)[None]
+                ids = np.array([top])
             elif k < self.n_vocab:
                 ids = np.argpartition(logits, -k)[-k:]
             else:
@@ -698,7 +723,7 @@ class BatchTagger:
             view = self.cand_view[:len(ids)]  # numpy view of the llama_token_data array handed to llama.cpp
             view["id"], view["logit"], view["p"] = ids, logits[ids], 0.0
             self.cand_arr.size, self.cand_arr.selected, self.cand_arr.sorted = len(ids), -1, False
-            L.llama_sampler_apply(smpl, ctypes.byref(self.cand_arr))
+            L.llama_sampler_apply(smpl, self.cand_ref)
             j = int(np.argmax(view["logit"][:self.cand_arr.size]))
             if np.isfinite(view["logit"][j]):
                 return int(view["id"][j])
@@ -709,6 +734,7 @@ class BatchTagger:
         objects, attributes with both lists."""
         if not self.pieces[token].startswith(","):
             return False
+        text = text.lstrip()  # the grammar's optional leading space is no part of the first item
         head, bar, tail = text.rpartition(" | ")
         items = (tail if bar else text).split(", ")
         earlier = set(items[:-1]) | (set(head.split(", ")) if bar else set())
@@ -753,9 +779,13 @@ class BatchTagger:
                     slot["feed"] = slot["feed"][len(take):]
                     slot["pos"] += len(take)
                 self._decode(entries)
-                for s, index in sample_at:
+                # every sampled row at once: llama.cpp returns the rows of the entries that asked for logits, in
+                # batch order, which is sample_at's order
+                rows = np.ctypeslib.as_array(L.llama_get_logits(self.ctx), shape=(len(sample_at), self.n_vocab)) \
+                    if sample_at else np.zeros((0, self.n_vocab), dtype=np.float32)
+                for (s, _), row, top in zip(sample_at, rows, rows.argmax(1)):
                     slot = slots[s]
-                    tok = slot["force"].pop(0) if slot["force"] else self._sample(slot["smpl"], index)
+                    tok = slot["force"].pop(0) if slot["force"] else self._sample(slot["smpl"], row, top)
                     self.generated += 1
                     end = L.llama_vocab_is_eog(self.vocab, tok)
                     if not end and self._repeats(slot["text"], tok):
@@ -1117,6 +1147,8 @@ def exclusive(path, what):
         f.close()
         raise ValueError(f"another process is writing {what} (it holds {path}); wait for it, or stop it "
                          "first") from None
+    except OSError as e:  # a file system without flock (some NFS or Lustre mounts): go on, unguarded
+        print(f"warning: cannot lock {path} ({e.strerror}): make sure one process writes {what}", file=sys.stderr)
     return f
 
 
@@ -1142,9 +1174,11 @@ def check_settings(path, settings, what):
     if saved is not None:
         changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
         if changed:
+            fix = "run `parse_tags.py rederive` (today's tag rules on the stored answers) first" \
+                if [k for k in settings if saved.get(k) != settings[k]] == ["rules"] else \
+                f"use another --out, or delete {os.path.dirname(path) or '.'}'s parsed.* files to start over"
             raise SettingsMismatch(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them "
-                                   "would give one vocabulary two meanings: use another --out, or delete "
-                                   f"{os.path.dirname(path) or '.'}'s parsed.* files to start over")
+                                   f"would give one vocabulary two meanings: {fix}")
     else:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
@@ -1175,12 +1209,12 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
             done.add(rec["key"])
             on_disk[rec["key"]] = rec["h"]
         if "error" not in rec:
-            cache[rec["h"]] = {"objects": rec["objects"], "attributes": rec["attributes"]}
+            cache[rec["h"]] = {k: rec[k] for k in ("objects", "attributes", "raw") if k in rec}
     stats = Counter(resumed=len(done))
     pending = deque()   # [key, h, result or None] in input order, not written yet
     waiting = {}        # caption hash -> the pending entries that wait for its LLM answer
     retries = deque()   # (hash, text, True): second tries, handed out before new captions
-    source = iter(samples)
+    source = prefetched(samples)
     with open_for_append(path) as out, tqdm(total=total, unit="cap", disable=not progress, smoothing=0.05) as bar:
         def write_ready():
             while pending and pending[0][2] is not None:
@@ -1253,47 +1287,96 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
     return dict(stats)
 
 
+CUT = "answer cut at"  # the backend's reason for an unfinished answer: never parsed, not even by rederive
+
+
 def rederive(samples, out_dir, shard=0, num_shards=1):
     """Today's tag rules applied to the raw answers stored in out_dir/parsed.{shard}-of-{n}.jsonl, without a
-    model: each record with a raw answer gets the tags parse_answer makes of it now (or the reason it fails),
-    grounded in its caption (read again from `samples`, the shard's input: records keep only the caption's
-    hash) with the grounding the shard was parsed with. The file is rewritten in one piece (a temporary file,
-    then renamed) and its settings take today's rules version, so a resume or a merge goes on with them.
-    Memory: the shard's records and the captions they need. Returns counts."""
+    model: each record with a finished raw answer gets the tags parse_answer makes of it now (or the reason it
+    fails), grounded in its caption (read again from `samples`, the shard's input: records keep only the
+    caption's hash) with the grounding the shard was parsed with. Refused, before anything is written, when a
+    record with tags has no raw answer or its caption is not in the input (its tags would keep the old rules
+    under the new version). The file is rewritten in one piece (a temporary file, then renamed) and its
+    settings take today's rules version, so a resume or a merge goes on with them. Memory: the shard's records
+    and the captions they need. Returns counts."""
     path = os.path.join(out_dir, f"parsed.{shard}-of-{num_shards}.jsonl")
     settings_path = path[:-len(".jsonl")] + ".settings.json"
     settings = read_settings(settings_path)
     if not os.path.isfile(path) or settings is None:
         raise FileNotFoundError(f"no records with settings at {path}: nothing to rederive")
     records = list(read_records(path))
-    needed = {r["h"] for r in records if r.get("raw")}
+    answered = lambda rec: rec.get("raw") and CUT not in rec.get("error", "")
+    needed = {r["h"] for r in records if answered(r)}
     texts = {}
     for _, caption in samples:
         text = prepare_caption(caption)
         h = caption_hash(text, prepared=True)
         if h in needed:
             texts[h] = text
+    stale = [r["key"] for r in records if (r.get("objects") or r.get("attributes")) and not r.get("raw")]
+    lost = [r["key"] for r in records if answered(r) and r["h"] not in texts]
+    if stale or lost:
+        raise ValueError(f"{path}: {len(stale)} record(s) with tags but no raw answer (e.g. {stale[:3]}) and "
+                         f"{len(lost)} whose caption is not in the input (e.g. {lost[:3]}); pass the parse's "
+                         "--input, reading flags and --shard, or parse those again")
     stats = Counter(records=len(records))
     tmp = path + ".rederive"
     with open(tmp, "w", encoding="utf-8") as out:
         for rec in records:
-            if rec.get("raw") and rec["h"] in texts:
+            if answered(rec):
                 try:
                     objects, attributes = parse_answer(rec["raw"], texts[rec["h"]], settings["grounding"])
                     new = {"key": rec["key"], "h": rec["h"], "objects": objects, "attributes": attributes,
                            "raw": rec["raw"]}
                 except ValueError as e:
-                    new = {"key": rec["key"], "h": rec["h"], "error": f"rederived: {e}", "raw": rec["raw"]}
+                    new = {"key": rec["key"], "h": rec["h"], "error": f"after retry: {e}", "raw": rec["raw"]}
                 stats["changed"] += new != rec
                 rec = new
             else:
-                stats["kept_without_raw" if not rec.get("raw") else "caption_not_in_input"] += 1
+                stats["kept"] += 1  # no answer to read again: an empty caption, a cut answer
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
     with open(settings_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump({**settings, "rules": rules_version()}, f, indent=1)
     os.replace(settings_path + ".tmp", settings_path)
     return dict(stats)
+
+
+def prefetched(items, size=4096):
+    """items, read ahead by a background thread (reading and splitting the input overlaps llama_decode, which
+    releases the GIL); the reader's exception is raised here, in its place. Closing the generator stops it."""
+    import queue
+    import threading
+    ahead, stop, end = queue.Queue(size), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                return ahead.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+
+    def read():
+        try:
+            for item in items:
+                put((item, None))
+                if stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            put((None, e))
+        put((end, None))
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        while True:
+            item, error = ahead.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def _ticketed(next_job):
@@ -2199,7 +2282,7 @@ def main():
                         "pin each of several shards on one host with taskset)")
     parser.add_argument("--parallel", type=int, default=32,
                         help="captions decoded together (sequences in one llama.cpp batch); 32 suits a CPU, "
-                        "use 128-256 on a GPU")
+                        "use 128-255 on a GPU")
     parser.add_argument("--n-gpu-layers", type=int, default=None,
                         help="layers offloaded to the GPU (default: all when llama.cpp has a GPU backend, else 0)")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer length limit in tokens (then retried)")

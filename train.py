@@ -162,7 +162,7 @@ class CaptionImages(torch.utils.data.IterableDataset):
     the same round-robin batch order."""
 
     MAX_FAILURES = 1000  # consecutive undecodable images: the data is wrong, not a few files
-    MAX_UNLISTED = 10000  # samples without a labels.pt row before any with one: the labels are another data's
+    MAX_UNLISTED = 10000  # samples without a labels.pt row before any with one: a warning that says why
 
     def __init__(self, files, labels, transform, rank=0, world=1, workers=0, shuffle_buffer=1000, seed=0,
                  image_root=None, start=None, role_offset=0, csv_input=False, keep_unlisted=False):
@@ -191,6 +191,7 @@ class CaptionImages(torch.utils.data.IterableDataset):
         roles = self.world * self.workers
         by_file = len(self.files) >= roles
         epoch, k, offset, index = at
+        found_any = False  # a sample with a labels row since this (re)start
         while True:
             order = list(range(len(self.files)))
             random.Random(stable_seed(self.seed, "files", epoch)).shuffle(order)
@@ -204,10 +205,13 @@ class CaptionImages(torch.utils.data.IterableDataset):
                     if not self.keep_unlisted and self.labels is not None and self.labels.row(key) is None:
                         skipped["unlisted"] += 1
                         unlisted = unlisted or key
-                        if kept == 0 and skipped["unlisted"] == self.MAX_UNLISTED:
-                            raise ValueError(self.no_labels_message(f"the first {self.MAX_UNLISTED}", unlisted))
+                        if not found_any and skipped["unlisted"] == self.MAX_UNLISTED:  # says so, goes on
+                            print(f"warning: worker {role}: " + self.no_labels_message(
+                                f"the first {self.MAX_UNLISTED} read since the start", unlisted) + "; a whole "
+                                "pass without one stops the run", file=sys.stderr)
                         continue
                     kept += 1
+                    found_any = True
                     next_at = (epoch, k, after, index) if after is not None else (epoch, k + 1, 0, index)
                     yield (epoch, mine[k], start), next_at, key, image, caption
                 k, offset = k + 1, 0
@@ -913,9 +917,10 @@ def train(args, rank, world, device):
             if master:
                 log.write(line + "\n")
                 log.flush()
-            if (found < 0.5 * samples or skipped_now["unlisted"] > samples_total) and not warned:
+            unlisted_since = int(counts[3 + list(skipped_total).index("unlisted")])  # since this (re)start
+            if (found < 0.5 * samples or unlisted_since > samples_total) and not warned:
                 print0(f"warning: {100 * found / max(samples, 1):.1f}% of the samples trained have their key in "
-                       f"labels.pt, and {skipped_now['unlisted']} were skipped for having none: do the labels "
+                       f"labels.pt, and {unlisted_since} were skipped for having none: do the labels "
                        "belong to these files? ('found' and 'unlisted' in every log line)")
                 warned = True
             sums, t_log, images_seen, logged_steps = {}, time.time(), 0, 0

@@ -806,11 +806,25 @@ def test_raw_answers_are_kept_and_rederived_under_new_rules_without_a_model(tmp_
                                       "--out", str(out)])
     parse_tags.main()
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert stats == {"records": 3, "changed": 1, "kept_without_raw": 1}
+    assert stats == {"records": 3, "changed": 1, "kept": 1}
     recs = records(out / "parsed.0-of-1.jsonl")
     assert recs[1]["objects"] == ["ski"] and recs[1]["raw"] == "skis, snow | -" and recs[0]["objects"] == ["cat", "mat"]
-    stats = parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=new)  # the resume goes on
-    assert stats["skipped"] == 3
+    more = samples + [("000004", "a cat on a mat")]  # the resume goes on; a duplicate keeps its raw answer
+    stats = parse_tags.parse_captions(more, llm, str(out), progress=False, settings=new)
+    assert stats["skipped"] == 3 and records(out / "parsed.0-of-1.jsonl")[3]["raw"] == "cat, mat | -"
+    # refused before writing: a caption that is not in the input given; a record with tags but no raw answer
+    with pytest.raises(ValueError, match="2 whose caption is not in the input"):
+        parse_tags.rederive(samples[1:], str(out))
+    with open(out / "parsed.0-of-1.jsonl", "a") as f:
+        f.write(json.dumps({"key": "000005", "h": "x", "objects": ["dog"], "attributes": []}) + "\n")
+        f.write(json.dumps({"key": "000006", "h": "y", "error": "after retry: answer cut at 48 tokens",
+                            "raw": "dog, cat | red"}) + "\n")
+    with pytest.raises(ValueError, match="1 record.s. with tags but no raw answer"):
+        parse_tags.rederive(more, str(out))
+    lines = (out / "parsed.0-of-1.jsonl").read_text().splitlines()
+    (out / "parsed.0-of-1.jsonl").write_text("\n".join(lines[:-2] + lines[-1:]) + "\n")
+    assert parse_tags.rederive(more, str(out))["kept"] == 2  # the cut answer stays a failure
+    assert records(out / "parsed.0-of-1.jsonl")[-1]["error"].endswith("answer cut at 48 tokens")
 
 
 def test_one_writer_per_shard_and_merge_cleans_a_killed_merge(tmp_path):
