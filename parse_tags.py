@@ -598,6 +598,13 @@ class BatchTagger:
         self.cand_view = np.frombuffer(self.cand, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
         self.cand_arr = L.llama_token_data_array(data=self.cand, size=self.n_vocab, selected=-1, sorted=False)
         self.cand_ref = ctypes.byref(self.cand_arr)
+        self.one = (L.llama_token_data * 1)()  # the argmax alone, for the grammar's quick check
+        self.one_arr = L.llama_token_data_array(data=self.one, size=1, selected=-1, sorted=False)
+        self.one_ref = ctypes.byref(self.one_arr)
+        # numpy views of the batch's arrays, filled a step at a time (not one ctypes write per token)
+        self.batch_views = [np.ctypeslib.as_array(getattr(self.batch, name), shape=(self.n_batch,))
+                            for name in ("token", "pos", "n_seq_id", "logits")]
+        self.seq_slots = [self.batch.seq_id[i] for i in range(self.n_batch)]
         self.decode_seconds = 0.0  # time inside llama_decode, for the benchmark (the rest of run is Python)
         self.generated = 0  # tokens sampled (answer tokens + the end token), for the benchmark
         self.pieces = _PieceCache(self)
@@ -684,11 +691,13 @@ class BatchTagger:
 
     def _decode(self, entries):
         """entries: (token, position, sequence, wants logits) -> llama_decode; returns the batch index of each."""
-        b = self.batch
-        for i, (tok, pos, seq, logits) in enumerate(entries):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
-            b.seq_id[i][0] = seq
-        b.n_tokens = len(entries)
+        b, n = self.batch, len(entries)
+        tokens, positions, seqs, logits = zip(*entries)
+        for view, values in zip(self.batch_views, (tokens, positions, (1,) * n, logits)):
+            view[:n] = values
+        for slot, seq in zip(self.seq_slots, seqs):
+            slot[0] = seq
+        b.n_tokens = n
         start = time.perf_counter()
         rc = self.L.llama_decode(self.ctx, b)
         self.decode_seconds += time.perf_counter() - start
@@ -713,10 +722,14 @@ class BatchTagger:
         then the top 64, then the whole vocabulary: the same token as constraining every token, at a fraction of
         the cost (the grammar check per token is the expensive part)."""
         L = self.L
-        for k in (1, 64, self.n_vocab):
-            if k == 1:
-                ids = np.array([top])
-            elif k < self.n_vocab:
+        one = self.one[0]
+        one.id, one.logit = top, 0.0
+        self.one_arr.size, self.one_arr.selected = 1, -1
+        L.llama_sampler_apply(smpl, self.one_ref)
+        if one.logit != -np.inf:
+            return int(top)
+        for k in (64, self.n_vocab):
+            if k < self.n_vocab:
                 ids = np.argpartition(logits, -k)[-k:]
             else:
                 ids = np.arange(self.n_vocab)
