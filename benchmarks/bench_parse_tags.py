@@ -63,6 +63,9 @@ def main():
     parser.add_argument("--parallel", type=int, default=32, help="sequences of the batched pipeline")
     parser.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all if any GPU)")
     parser.add_argument("--skip-labelled", action="store_true", help="speed only, no precision/recall")
+    parser.add_argument("--split", action="store_true",
+                        help="also time the pipeline with one sequence: how much of the speed-up is the shorter "
+                        "answers and how much the batching")
     args = parser.parse_args()
 
     model = args.model or parse_tags.smollm2_path()
@@ -86,6 +89,16 @@ def main():
     natural_s = time.perf_counter() - t0
     natural_tokens = natural.generated / len(captions)
 
+    one_rate = None
+    if args.split and args.parallel > 1:  # the compact answers alone: the same pipeline, one sequence
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            single = parse_tags.BatchTagger(model, args.chat_format, parallel=1, n_threads=threads,
+                                            n_gpu_layers=args.n_gpu_layers)
+            parse_tags.parse_captions(iter(samples), single, out, progress=False)
+            one_rate = len(captions) / (time.perf_counter() - t0)
+            single.close()
+
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         ours = parse_tags.BatchTagger(model, args.chat_format, parallel=args.parallel, n_threads=threads,
@@ -106,6 +119,9 @@ def main():
     print(f"pipeline (BatchTagger, {args.parallel} sequences, compact grammar): {rate_o:.2f} captions/s, "
           f"{ours_tokens:.1f} generated tokens/caption, valid {valid(results):.1%}, retries {stats.get('retries', 0)}")
     print(f"ratio pipeline / natural loop: {rate_o / rate_n:.2f}")
+    if one_rate:
+        print(f"split: compact answers, one sequence {one_rate:.2f} captions/s ({one_rate / rate_n:.2f}x the natural "
+              f"loop); batching {args.parallel} sequences {rate_o / one_rate:.2f}x more")
     print(f"pipeline loop: {loop_s:.1f} s, of which llama_decode {ours.decode_seconds:.1f} s; Python (sampling, "
           f"grammar, records, tokenising) {python_us:.1f} us per generated token per sequence")
     print(f"CC12M estimate ({CC12M_CAPTIONS / 1e6:.0f} M unique captions) for one such process: "
