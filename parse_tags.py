@@ -305,14 +305,16 @@ def normalize_tags(objects, attributes, max_object_words=3):
     objs, moved = [], []
     for obj in objects if isinstance(objects, list) else []:
         words = _clean_words(obj)
-        while words and (words[0] in ARTICLES or words[0] in OBJECT_STOPWORDS
-                         or words[0] in QUANTITIES and len(words) > 1):
-            words = words[1:]
         while words and (words[-1] in OBJECT_STOPWORDS or words[-1] in ARTICLES):
             words = words[:-1]
-        while len(words) > 1 and (words[0] in MODIFIERS or words[0] in attrs) and \
-                f"{words[0]} {singularize(words[1])}" not in COMPOUNDS:
-            moved.append(words.pop(0))
+        while words:  # function words and describing words off the front ('black and white dog' -> dog)
+            if words[0] in ARTICLES or words[0] in OBJECT_STOPWORDS or words[0] in QUANTITIES and len(words) > 1:
+                words = words[1:]
+            elif len(words) > 1 and (words[0] in MODIFIERS or words[0] in attrs) and \
+                    f"{words[0]} {singularize(words[1])}" not in COMPOUNDS:
+                moved.append(words.pop(0))
+            else:
+                break
         if len(words) == 1 and words[0] in ADJECTIVES and words[0] not in NOUNS_TOO:
             moved.append(words.pop())
         if len(words) == 1 and words[0].endswith("ing") and words[0] not in ING_NOUNS:
@@ -454,9 +456,10 @@ class NltkTagger:
         classes), the tag sets and the caption cut."""
         import pickle
         model = getattr(self.tagger, "model", None)
+        import inspect
         state = (sorted((f, sorted(w.items())) for f, w in getattr(model, "weights", {}).items()),
                  sorted(getattr(self.tagger, "tagdict", {}).items()), sorted(getattr(self.tagger, "classes", ())),
-                 NOUN_TAGS, ADJECTIVE_TAGS, MAX_CAPTION_CHARS)
+                 NOUN_TAGS, ADJECTIVE_TAGS, MAX_CAPTION_CHARS, inspect.getsource(NltkTagger.__call__))
         digest = hashlib.blake2b(pickle.dumps(state), digest_size=8).hexdigest()
         return {"parser": "nltk", "tagger": digest, "grounding": grounding, "rules": rules_version()}
 

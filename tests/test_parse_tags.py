@@ -80,6 +80,7 @@ class FakeLLM:
     (["orange juice", "high school student", "red bus"], [], (["orange juice", "high school student", "bus"],
                                                               ["red"])),
     (["hooves", "elves"], [], (["hoof", "elf"], [])),
+    (["black and white dog", "the big old red bus"], [], (["dog", "bus"], ["black", "white", "big", "old", "red"])),
 ])
 def test_normalize_tags(objects, attributes, expected):
     assert parse_tags.normalize_tags(objects, attributes) == expected
