@@ -2378,9 +2378,7 @@ def main():
         lock = exclusive(os.path.join(args.out, f"parsed.{shard}-of-{num_shards}.lock"),  # loads a model or
                          f"shard {shard} of {num_shards} in {args.out}")  # touches the shard's files
         if args.command == "rederive":  # the same --input, reading flags and --shard as the parse
-            read_kw = dict(key_column=args.key_column, caption_column=args.caption_column,
-                           has_header=not args.no_header, quoted_tsv=args.quoted_tsv)
-            samples = shard_samples(files, shard, num_shards, lambda path, error: None, **read_kw)
+            samples = shard_samples(files, shard, num_shards, lambda path, error: None, **reading_flags(args))
             print(json.dumps(rederive(samples, args.out, shard, num_shards)))
             return
         if args.parser == "nltk":
@@ -2398,6 +2396,12 @@ def main():
     lock.close()
 
 
+def reading_flags(args):
+    """How `parse` (and `rederive`, which must read the input the same way) reads captions."""
+    return dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
+                quoted_tsv=args.quoted_tsv)
+
+
 def llm_backend(args):
     """The LLM of `parse`: its BatchTagger and the settings that decide its records (parse_settings)."""
     model = args.model or (download_gguf(args.hf_repo, args.hf_file) if args.hf_repo else smollm2_path())
@@ -2413,8 +2417,7 @@ def run_parse(args, files, shard, num_shards, backend, settings):
     """`parse` for one shard with a ready backend (LLM or NLTK): records, resume and settings as parse_captions;
     main holds the shard's lock."""
     report_bad = bad_file_reporter(os.path.join(args.out, f"errors.{shard}-of-{num_shards}.jsonl"))
-    read_kw = dict(key_column=args.key_column, caption_column=args.caption_column, has_header=not args.no_header,
-                   quoted_tsv=args.quoted_tsv)
+    read_kw = reading_flags(args)
     by_file = len(files) >= num_shards  # as shard_samples splits: whole files, else every n-th row
     total = count_samples(files[shard::num_shards] if by_file else files)
     if total is not None and not by_file:

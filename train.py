@@ -62,10 +62,10 @@ def stable_seed(*parts):
                           "little") >> 1
 
 
-def plain_tar(path):
-    """An uncompressed tar (seekable to a record): the POSIX magic of its first header."""
-    with open(path, "rb") as f:
-        return f.read(512)[257:262] == b"ustar"
+def plain_tar(f):
+    """Is the open file f an uncompressed tar (seekable to a record)? The POSIX magic of its first header."""
+    f.seek(0)
+    return f.read(512)[257:262] == b"ustar"
 
 
 def tar_records(path, skipped, offset=0):
@@ -76,8 +76,8 @@ def tar_records(path, skipped, offset=0):
     in skipped['tar']; members missing their image or caption in skipped['member']."""
     current, start, parts = None, None, {}
     try:
-        plain = plain_tar(path)
         with open(path, "rb") as f:
+            plain = plain_tar(f)
             base = offset if plain else 0
             f.seek(base)
             with tarfile.open(fileobj=f, mode="r|" if plain else "r|*") as tar:
@@ -236,7 +236,9 @@ class CaptionImages(torch.utils.data.IterableDataset):
         found = {}
         for file in sorted({f for _, f, _ in locations}):
             wanted = sorted({o for _, f, o in locations if f == file})
-            if self.csv_input or plain_tar(self.files[file]):
+            with open(self.files[file], "rb") as f:
+                seekable = self.csv_input or plain_tar(f)
+            if seekable:
                 found.update(((file, o), next(self.records(file, o, skipped))) for o in wanted)
                 continue
             missing = set(wanted)
@@ -917,7 +919,7 @@ def train(args, rank, world, device):
             if master:
                 log.write(line + "\n")
                 log.flush()
-            unlisted_since = int(counts[3 + list(skipped_total).index("unlisted")])  # since this (re)start
+            unlisted_since = int(counts[3 + SKIPS.index("unlisted")])  # since this (re)start
             if (found < 0.5 * samples or unlisted_since > samples_total) and not warned:
                 print0(f"warning: {100 * found / max(samples, 1):.1f}% of the samples trained have their key in "
                        f"labels.pt, and {unlisted_since} were skipped for having none: do the labels "
