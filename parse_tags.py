@@ -55,8 +55,6 @@ from collections import Counter, deque
 
 import numpy as np
 
-import torch
-
 # The model answers in a compact line, "objects | attributes", e.g. "kitten, grass, shoe | small, brown": about
 # half the tokens of the JSON form (each generated token is one decode step, the cost that batching cannot hide
 # on a CPU). A grammar makes any other shape impossible; "-" is an empty list. Records on disk stay JSON.
@@ -1084,14 +1082,69 @@ def caption_hash(caption, prepared=False):
 
 
 def open_for_append(path):
-    """Open a JSONL file to append after its last complete line (a kill mid-write leaves a partial one)."""
+    """Open a JSONL file (binary) to append after its last complete line: a kill mid-write leaves a partial one,
+    found by reading back from the end (never the whole file)."""
     if os.path.exists(path):
         with open(path, "rb+") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end != len(data):
-                f.truncate(end)
-    return open(path, "a", encoding="utf-8")
+            end = f.seek(0, os.SEEK_END)
+            keep = 0
+            while end > 0:
+                start = max(0, end - (1 << 16))
+                f.seek(start)
+                chunk = f.read(end - start)
+                if (i := chunk.rfind(b"\n")) >= 0:
+                    keep = start + i + 1
+                    break
+                end = start
+            f.truncate(keep)
+    return open(path, "ab")
+
+
+FOLD_ENTRIES = 1 << 16  # CompactMap's newest entries kept in a dict (~6 MB) before they go into the arrays
+
+
+class CompactMap:
+    """A map from 64-bit ints (hashes) to 64-bit ones in ~16 bytes an entry, where a dict of ints costs ~100:
+    two sorted numpy arrays, and a dict of the newest entries folded into them every `fold` insertions. It holds
+    the resume and dedupe state of a parse (millions of keys and captions) in bounded memory."""
+
+    def __init__(self, fold=None):
+        self.keys, self.values, self.recent = np.empty(0, np.uint64), np.empty(0, np.uint64), {}
+        self.fold = fold or FOLD_ENTRIES
+
+    def get(self, key, default=None):
+        value = self.recent.get(key)
+        if value is not None:
+            return value
+        i = int(np.searchsorted(self.keys, np.uint64(key)))
+        return int(self.values[i]) if i < len(self.keys) and self.keys[i] == key else default
+
+    def __contains__(self, key):
+        return self.get(key) is not None
+
+    def __setitem__(self, key, value):
+        self.recent[key] = value
+        if len(self.recent) >= self.fold:
+            self._fold()
+
+    def _fold(self):
+        keys = np.fromiter(self.recent, np.uint64, len(self.recent))
+        values = np.fromiter(self.recent.values(), np.uint64, len(self.recent))
+        self.recent = {}
+        order = np.argsort(keys)
+        keys, values = keys[order], values[order]
+        at = np.searchsorted(self.keys, keys)
+        old = at < len(self.keys)
+        old[old] = self.keys[at[old]] == keys[old]
+        self.values[at[old]] = values[old]  # keys already held: new values in place
+        new = ~old
+        self.keys = np.insert(self.keys, at[new], keys[new])
+        self.values = np.insert(self.values, at[new], values[new])
+
+
+def fingerprint(text):
+    """A 64-bit hash of a string as an int (two of 11 M keys share one with probability ~3e-6)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def _record(line):
@@ -1105,23 +1158,31 @@ def _record(line):
     return rec if ok else None
 
 
-def read_records(path):
-    """Complete records of a JSONL results file. A partial last line (a kill mid-write) is ignored; a damaged
-    line elsewhere (a node crash, two processes on one shard) is skipped and named on stderr, so its key counts
-    as not done and a resume parses it again, instead of every restart failing on it."""
+def read_records(path, offsets=False):
+    """Complete records of a JSONL results file, streamed (with each one's byte offset when `offsets`). A partial
+    last line (a kill mid-write) is ignored; a damaged line elsewhere (a node crash, two processes on one shard)
+    is skipped and named on stderr, so its key counts as not done and a resume parses it again, instead of every
+    restart failing on it."""
     if not os.path.exists(path):
         return
-    damaged = []
-    with open(path, encoding="utf-8", errors="replace") as f:
+    damaged, offset = [], 0
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
-            if line.endswith("\n"):
-                rec = _record(line)
+            if line.endswith(b"\n"):
+                rec = _record(line.decode("utf-8", errors="replace"))
                 if rec is None:
                     damaged.append(number)
                 else:
-                    yield rec
+                    yield (offset, rec) if offsets else rec
+            offset += len(line)
     if damaged:
         print(f"warning: {path}: {len(damaged)} damaged line(s) skipped (e.g. line {damaged[:5]})", file=sys.stderr)
+
+
+def record_at(f, offset):
+    """The record whose line starts at `offset` of the binary file f."""
+    f.seek(offset)
+    return json.loads(f.readline())
 
 
 def answers(backend, next_job):
@@ -1237,52 +1298,79 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
     done_marker = path[:-len(".jsonl")] + ".done.json"
     if os.path.exists(done_marker):  # written again when this run has read all its input
         os.remove(done_marker)
-    done, cache, on_disk = set(), {}, {}  # on_disk: key -> hash of the caption its record was made from
-    for rec in read_records(path):
+    # Resume and dedupe state in ~40 bytes a record (CompactMap), whatever the number of records:
+    # done: fingerprint of each key with a record -> the hash of its caption while the input is still to be
+    # checked against it (0 once checked, or for keys of this run); cache: caption hash -> byte offset of a
+    # successful record made from it, read back from the file on a hit; unwritten: answers not written yet.
+    done, cache, unwritten = CompactMap(), CompactMap(), {}
+    resumed = 0
+    for offset, rec in read_records(path, offsets=True):
+        h = int(rec["h"], 16)
         if "error" not in rec or not retry_failures:
-            done.add(rec["key"])
-            on_disk[rec["key"]] = rec["h"]
+            done[fingerprint(rec["key"])] = h
+            resumed += 1
         if "error" not in rec:
-            cache[rec["h"]] = {k: rec[k] for k in ("objects", "attributes", "raw") if k in rec}
-    stats = Counter(resumed=len(done))
+            cache[h] = offset
+    stats = Counter(resumed=resumed)
     pending = deque()   # [key, h, result or None] in input order, not written yet
     waiting = {}        # caption hash -> the pending entries that wait for its LLM answer
     retries = deque()   # (hash, text, True): second tries, handed out before new captions
     source = prefetched(samples)
-    with open_for_append(path) as out, tqdm(total=total, unit="cap", disable=not progress, smoothing=0.05) as bar:
+    with open_for_append(path) as out, open(path, "rb") as reader, \
+            tqdm(total=total, unit="cap", disable=not progress, smoothing=0.05) as bar:
+        end = out.seek(0, os.SEEK_END)
+
         def write_ready():
+            nonlocal end
             while pending and pending[0][2] is not None:
                 key, h, result = pending.popleft()
-                out.write(json.dumps({"key": key, "h": h, **result}, ensure_ascii=False) + "\n")
+                line = json.dumps({"key": key, "h": f"{h:016x}", **result}, ensure_ascii=False) + "\n"
+                if "error" not in result and unwritten.pop(h, None) is not None:
+                    cache[h] = end
+                end += out.write(line.encode("utf-8"))
                 stats["written"] += 1
             out.flush()
+
+        def cached(h):
+            if h in unwritten:
+                return unwritten[h]
+            offset = cache.get(h)
+            if offset is None:
+                return None
+            rec = record_at(reader, offset)
+            return {k: rec[k] for k in ("objects", "attributes", "raw") if k in rec}
 
         def next_job():
             if retries:
                 return retries.popleft()
             for key, caption in source:
                 bar.update(1)
-                if key in done:
-                    if key in on_disk:  # resumed: the record must be of this caption, or keys now mean others
-                        if on_disk.pop(key) != caption_hash(caption):
+                fp = fingerprint(key)
+                seen = done.get(fp)
+                if seen is not None:
+                    if seen:  # resumed: the record must be of this caption, or keys now mean others
+                        if seen != int(caption_hash(caption), 16):
                             raise SettingsMismatch(
                                 f"{path}: the record of key {key!r} was made from another caption than the input's "
                                 "now: the input, or how it is read (--quoted-tsv, --caption-column, --key-column, "
                                 "--no-header), changed since; use another --out")
+                        done[fp] = 0
                     stats["skipped"] += 1
                     continue
-                done.add(key)
+                done[fp] = 0
                 text = prepare_caption(caption)
-                h = caption_hash(text, prepared=True)
+                h = int(caption_hash(text, prepared=True), 16)
                 entry = [key, h, None]
                 pending.append(entry)
-                if h in cache or h in waiting:
+                if h in waiting:
                     stats["deduplicated"] += 1
-                    if h in cache:
-                        entry[2] = cache[h]
-                        write_ready()
-                    else:
-                        waiting[h].append(entry)
+                    waiting[h].append(entry)
+                    continue
+                result = cached(h)
+                if result is not None:
+                    stats["deduplicated"] += 1
+                    entry[2] = result
+                    write_ready()
                     continue
                 quick = quick_result(text)
                 if quick is not None:
@@ -1301,7 +1389,7 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
                     raise ValueError(error)
                 objects, attributes = parse_answer(raw, text, grounding)
                 result = {"objects": objects, "attributes": attributes, "raw": raw}  # raw: for `rederive`
-                cache[h] = result
+                unwritten[h] = result
             except ValueError as e:
                 if not strict:
                     stats["retries"] += 1
@@ -1552,6 +1640,8 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=No
     the contrastive loss). restrict_to: a tag list file (read_tag_list); only tags on it are candidates (paper
     Table 4's Tag2Text rows). Streams parsed.jsonl twice (counts, then indices into compact arrays), so memory
     is the vocabulary plus a few bytes a tag, not Python objects per record."""
+    import torch  # here, not at the top: parsing (the LLM loop) does not need torch's ~400 MB
+    from labels import save_labels, to_tensor
     listed = read_tag_list(restrict_to) if restrict_to else None
     allowed = set().union(*listed.values()) if listed else None
     path = os.path.join(out_dir, "parsed.jsonl")
@@ -1609,70 +1699,12 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=No
             idx.extend(ids)
             ends[kind] += len(ids)
             offs.append(ends[kind])
-    keys = _tensor(int_keys, torch.int64) if numeric else str_keys.getvalue()
+    keys = to_tensor(int_keys, torch.int64) if numeric else str_keys.getvalue()
     table = save_labels(out_dir, vocab, keys, width if numeric else 0,
-                        {kind: _tensor(offsets[kind], torch.int64) for kind in index},
-                        {kind: _tensor(indices[kind], torch.int32) for kind in index})
+                        {kind: to_tensor(offsets[kind], torch.int64) for kind in index},
+                        {kind: to_tensor(indices[kind], torch.int32) for kind in index})
     return {"samples": n, "objects": len(vocab["objects"]), "attributes": len(vocab["attributes"]),
             "samples_with_objects": int((table["objects_offsets"].diff() > 0).sum())}
-
-
-def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
-    """Write vocab.json and labels.pt (each to a temporary file, then renamed: a crash leaves the old file, never
-    half a file) and return the labels table. keys: sorted int64 tensor of fixed-width digit keys (key_width
-    digits) or one '\\n'-joined string (key_width 0); offsets/indices: {kind: int64 / int32 tensor}, CSR rows in
-    key order."""
-    path = os.path.join(out_dir, "vocab.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False, indent=1)
-    os.replace(path + ".tmp", path)
-    table = {"num_samples": vocab["num_samples"], "vocab_size": {},
-             "tags": {kind: [e["tag"] for e in vocab[kind]] for kind in ("objects", "attributes")},
-             "keys": keys, "key_width": key_width}
-    for kind in ("objects", "attributes"):
-        table[kind + "_offsets"] = offsets[kind]
-        table[kind + "_indices"] = indices[kind]
-    path = os.path.join(out_dir, "labels.pt")
-    torch.save(table, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return table
-
-
-def _tensor(arr, dtype):
-    """array.array -> a tensor that owns a copy (torch.frombuffer would share the array's memory)."""
-    return torch.frombuffer(arr, dtype=dtype).clone() if len(arr) else torch.zeros(0, dtype=dtype)
-
-
-class LabelTable:
-    """labels.pt reader for train.py: key -> (object indices, attribute indices), or None for an unknown key."""
-
-    def __init__(self, path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"label file not found: {path}; build it with `parse_tags.py vocab --out DIR`")
-        t = torch.load(path, map_location="cpu", weights_only=True)
-        self.tags = t["tags"]
-        self.offsets = {k: t[k + "_offsets"] for k in ("objects", "attributes")}
-        self.indices = {k: t[k + "_indices"] for k in ("objects", "attributes")}
-        self.numeric = t["key_width"] > 0
-        self.keys = t["keys"] if self.numeric else {k: i for i, k in enumerate(t["keys"].split("\n"))}
-
-    def __len__(self):
-        return len(self.keys)
-
-    def row(self, key):
-        if self.numeric:
-            if not key.isdigit():
-                return None
-            q = torch.tensor([int(key)])
-            i = int(torch.searchsorted(self.keys, q))
-            return i if i < len(self.keys) and self.keys[i] == q[0] else None
-        return self.keys.get(key)
-
-    def get(self, key):
-        i = self.row(key)
-        if i is None:
-            return None
-        return tuple(self.indices[k][self.offsets[k][i]:self.offsets[k][i + 1]].long() for k in ("objects", "attributes"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -2088,6 +2120,8 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     refused unless index_base=1 (--index-base 1) says so; with an explicit --tags-header, entries using K are
     dropped and warned about. log(message) gets the CSV reading before the long part starts.
     Returns the report (counts)."""
+    import torch
+    from labels import save_labels
     names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
     K = len(names)
     header = csv_info["header"]

@@ -48,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import clip_model
 import parse_tags
 import tagalign
+from labels import LabelTable
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ def load_label_data(folder):
     if not os.path.isfile(vocab_path):
         raise FileNotFoundError(f"{vocab_path} not found: build it with `python parse_tags.py vocab --out {folder}`")
     vocab = json.load(open(vocab_path, encoding="utf-8"))
-    labels = parse_tags.LabelTable(os.path.join(folder, "labels.pt"))
+    labels = LabelTable(os.path.join(folder, "labels.pt"))
     for kind in ("objects", "attributes"):
         if labels.tags[kind] != [e["tag"] for e in vocab[kind]]:
             raise ValueError(f"{folder}: labels.pt and vocab.json disagree on the {kind} vocabulary; "

@@ -13,6 +13,7 @@ import pytest
 
 import parse_tags
 import train
+from labels import LabelTable
 from test_train import base_args, jpeg
 
 NAMES = ["person", "dog", "teddy bear", "café", "tree"]  # "tree" is on no downloaded sample
@@ -85,7 +86,7 @@ def write_fixture(folder, csv_shape="one column, header", index_style="pretty", 
 
 
 def decoded(out):
-    table = parse_tags.LabelTable(os.path.join(out, "labels.pt"))
+    table = LabelTable(os.path.join(out, "labels.pt"))
     return table, {key: table.get(key)[0].tolist() if table.get(key) else None for key in EXPECTED}
 
 
@@ -212,7 +213,7 @@ def test_a_wrong_header_guess_is_caught_by_the_index(tmp_path):
             parse_tags.import_tags(str(tmp_path / "object.csv"), str(tmp_path / "index2.json"), shards, out,
                                    no_bad_shards)
     parse_tags.import_tags(str(tmp_path / "object.csv"), index, shards, out, no_bad_shards, tags_header="no")
-    assert parse_tags.LabelTable(os.path.join(out, "labels.pt")).tags["objects"] == names
+    assert LabelTable(os.path.join(out, "labels.pt")).tags["objects"] == names
     assert decoded(out)[1] == EXPECTED
     # said explicitly: the user is trusted, the entries using index 4 lose that index, and the log says so
     said = []

@@ -15,6 +15,7 @@ from collections import deque
 import pytest
 
 import parse_tags
+from labels import LabelTable
 from conftest import ROOT, shared_lines
 
 COLOURS = {"red", "black", "brown", "white", "green", "blue", "small", "large", "old", "wooden"}
@@ -297,6 +298,50 @@ def test_retry_failures_on_resume(tmp_path):
     assert [c for c, strict in llm.calls if not strict] == ["hopeless case"]
 
 
+def test_compact_map_agrees_with_a_dict():
+    import random
+    rng = random.Random(0)
+    compact, reference = parse_tags.CompactMap(fold=7), {}
+    keys = [rng.getrandbits(64) for _ in range(300)] + [0, 2 ** 64 - 1]
+    for _ in range(2000):
+        key = rng.choice(keys)
+        if rng.random() < 0.5:
+            value = rng.getrandbits(64)
+            compact[key] = reference[key] = value
+        assert compact.get(key) == reference.get(key)
+    assert all(compact.get(k) == reference.get(k) for k in keys)
+    assert len(compact.keys) + len(compact.recent) >= len(reference)
+
+
+def test_parse_state_grows_by_tens_of_bytes_a_record(tmp_path, monkeypatch):
+    """The resume and dedupe state of an 11 M-caption parse must fit a small process: traced memory per record,
+    measured between two input sizes, while parsing and while resuming (every key done)."""
+    import tracemalloc
+    # fold often, as 11 M records would at 65,536
+    monkeypatch.setattr(parse_tags, "FOLD_ENTRIES", 256, raising=False)
+    read_ahead = parse_tags.prefetched  # a fixed read-ahead queue, kept short so the small run fills it too
+    monkeypatch.setattr(parse_tags, "prefetched", lambda items: read_ahead(items, size=64))
+
+    def answer(text, strict=False):
+        return "horse, table | red"
+
+    def peak(n, out):
+        samples = ((f"{i:09d}", f"a photo {i % (9 * n // 10)} of a horse") for i in range(n))
+        tracemalloc.start()
+        stats = parse_tags.parse_captions(samples, answer, str(out), progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return peak, stats
+
+    small, large = 1000, 5000
+    (p1, _), (p2, stats) = peak(small, tmp_path / "a"), peak(large, tmp_path / "b")
+    assert stats["deduplicated"] == large // 10 and stats["written"] == large
+    (r1, _), (r2, resumed) = peak(small, tmp_path / "a"), peak(large, tmp_path / "b")
+    assert resumed["skipped"] == large
+    per_record, per_resumed = (p2 - p1) / (large - small), (r2 - r1) / (large - small)
+    assert per_record < 60 and per_resumed < 60, (per_record, per_resumed)
+
+
 class FakeBatchLLM:
     """A stand-in for BatchTagger: takes up to `parallel` jobs and finishes them in reverse order (the newest
     first), so the writer must reorder; answers like FakeLLM. Optional delay per answer for kill tests."""
@@ -390,7 +435,7 @@ def test_shards_merge_and_vocabulary(tmp_path):
     assert vocab["objects"][0]["freq"] == pytest.approx(19 / 40)
     # red: i % 3 == 0 -> 14 captions; black and brown 13 each minus one failure -> 12: the tie goes alphabetical
     assert [(e["tag"], e["count"]) for e in vocab["attributes"]] == [("red", 14), ("black", 12)]
-    labels = parse_tags.LabelTable(str(tmp_path / "labels.pt"))
+    labels = LabelTable(str(tmp_path / "labels.pt"))
     assert len(labels) == 40 and labels.numeric
     obj, attr = labels.get("000001")  # "A black table near the window"
     assert labels.tags["objects"] == ["river", "window", "lamp", "table", "bicycle"]
@@ -450,7 +495,7 @@ def test_string_keys_and_mixed_shard_counts(tmp_path):
                               progress=False)
     parse_tags.merge(str(tmp_path))
     parse_tags.build_vocab(str(tmp_path))
-    labels = parse_tags.LabelTable(str(tmp_path / "labels.pt"))
+    labels = LabelTable(str(tmp_path / "labels.pt"))
     assert not labels.numeric and labels.get("b/2")[0].tolist() == [labels.tags["objects"].index("lamp")]
     parse_tags.parse_captions(iter([("c/3", "red horse")]), FakeLLM(), str(tmp_path), 0, 2, progress=False)
     with pytest.raises(ValueError, match="mixes shard counts"):

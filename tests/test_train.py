@@ -17,6 +17,7 @@ import clip_model
 import parse_tags
 import tagalign
 import train
+from labels import LabelTable
 from conftest import ROOT, TINY, random_state_dict
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
@@ -414,7 +415,7 @@ def test_accumulation_gradient_is_the_formula(setup, tmp_path, monkeypatch, aver
     clip = clip_model.load(str(setup / "clip.pt"))
     model = tagalign.TagAlign(clip).train()  # train.py's default: surgery on the last half
     vocab = json.load(open(setup / "labels" / "vocab.json"))
-    labels = parse_tags.LabelTable(str(setup / "labels" / "labels.pt"))
+    labels = LabelTable(str(setup / "labels" / "labels.pt"))
     _, transform = train.train_transform(64, False)
     from PIL import Image
     items = samples(4)  # shuffle buffer 1, no workers: the first 4 records in file order
@@ -673,7 +674,7 @@ def test_a_resume_reads_only_the_shuffle_buffer_at_any_step(setup, tmp_path, mon
         out = tmp_path / f"run{steps}"
         train.main([a for a in base_args(setup, out, **kw, **{"--steps": steps}) if a != ""])
         ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-        labels = parse_tags.LabelTable(str(tmp_path / "labels" / "labels.pt"))
+        labels = LabelTable(str(tmp_path / "labels" / "labels.pt"))
         data = train.CaptionImages(ckpt["data"]["files"], labels, train.train_transform(64, False),
                                    shuffle_buffer=4, start=ckpt["data"]["start"])
         monkeypatch.setattr(train, "open", counting_open, raising=False)
