@@ -619,6 +619,38 @@ def test_real_model_batched_agrees_with_one_at_a_time(batched):
 
 
 @needs_gguf
+def test_sampling_equals_the_grammar_over_the_whole_vocabulary(batched):
+    """_sample checks the argmax, then bands of falling logits in chunks: it must pick what applying the grammar
+    to every token and taking the best allowed one picks, in grammar states with many and with few allowed
+    tokens, for rows whose best allowed token is 0.5 to 40 logits below a refused argmax (the rest of the row
+    is random, so many refused and allowed tokens lie between them)."""
+    import ctypes
+    import numpy as np
+    t, L = batched, batched.L
+    rng = np.random.default_rng(0)
+    full = (L.llama_token_data * t.n_vocab)()
+    view = np.frombuffer(full, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+    for answer in (" dog", " dog, red car | small", " dog, cat, bird, tree, car, bus"):
+        smpl = t._grammar(parse_tags.ANSWER_GRAMMAR)
+        for tok in t.tokenize(answer):
+            L.llama_sampler_accept(smpl, tok)
+        for gap in (0.5, 1.9, 2.5, 5.0, 6.5, 10.0, 16.5, 20.0, 40.0):  # each band, and both sides of a border
+            row = rng.normal(0, 3, t.n_vocab).astype(np.float32)
+            view["id"], view["logit"], view["p"] = np.arange(t.n_vocab), row, 0.0
+            arr = L.llama_token_data_array(data=full, size=t.n_vocab, selected=-1, sorted=False)
+            L.llama_sampler_apply(smpl, ctypes.byref(arr))
+            allowed = np.isfinite(view["logit"])
+            assert 0 < allowed.sum() < t.n_vocab
+            refused = np.flatnonzero(~allowed)
+            row[refused[rng.integers(len(refused))]] = row.max() + gap + 1  # a refused argmax
+            best = np.flatnonzero(allowed)[np.argmax(row[allowed])]
+            row[best] = row.max() - gap  # the best allowed token, `gap` below it
+            expected = int(np.flatnonzero(allowed)[np.argmax(row[allowed])])
+            assert t._sample(smpl, row, int(row.argmax())) == expected, (answer, gap)
+        L.llama_sampler_free(smpl)
+
+
+@needs_gguf
 def test_real_model_sensible_tags_on_easy_captions(batched):
     results = tag_all(batched, [c for c, _ in EASY])
     hits = [noun in r.get("objects", []) for r, (_, noun) in zip(results, EASY)]
