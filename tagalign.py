@@ -24,8 +24,6 @@ What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
 - Training-free baselines on the same backbone: MaskCLIP, SCLIP, ClearCLIP, NACLIP and plain CLIP.
 """
 import argparse
-import datetime
-import gc
 import hashlib
 import math
 import os
@@ -178,6 +176,15 @@ def recorded_activation(ckpt):
     """The CLIP activation a checkpoint was trained with. Checkpoints written before it was recorded all used
     QuickGELU (build_model knew no other then), so a missing field means QuickGELU, not a new guess."""
     return ckpt.get("clip_quick_gelu", True)
+
+
+def fetch_clip_once(name):
+    """Before every rank loads a CLIP by name or URL: the first process of each node downloads it (into the
+    shared cache) while the others wait, so that 8 ranks of a fresh node do not fetch 335 MB at once."""
+    if (name in clip_model.MODELS or "://" in name) and distributed():
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            clip_model.download(name)
+        dist.barrier()
 
 
 def load_checkpoint(path, clip=None, device="cpu"):
@@ -333,55 +340,6 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def init_distributed(timeout_minutes=None):
-    """The one DDP set-up of train.py and evaluate.py. timeout_minutes: how long a rank may wait in a collective
-    for the others (None: torch's default, 10 minutes under NCCL); train.py raises it for a resume's re-read.
-    torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain `python x.py` is one process. With CUDA each process
-    takes GPU LOCAL_RANK *before* NCCL starts (else every rank's NCCL communicator and every `.cuda()` lands on
-    GPU 0) and the backend is NCCL, else gloo.
-    Returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if count == 1:  # launchers that give each task its own GPU (e.g. SLURM --gpus-per-task=1)
-            local_rank = 0
-        elif local_rank >= count:
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {count} GPUs are visible; "
-                               "use --nproc_per_node <= the number of GPUs")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=timeout_minutes) if timeout_minutes else None
-        # device_id binds NCCL to this GPU (the final barrier and every collective use it, no guessing from rank)
-        bound = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout, **bound)
-    return rank, world, device
-
-
-def end_distributed(finished=True):
-    """The end of a torchrun process. finished: every rank got here normally, so a barrier first (no rank tears its
-    connections down while another still sends); after an error there is no barrier (the others may never come).
-    Then the process group is destroyed and the garbage collected now: DDP keeps it in reference cycles, and a gloo
-    group freed only in interpreter teardown can abort the process ("terminate called without an active
-    exception", exit -6) after the work is done."""
-    if dist.is_initialized():
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
-    gc.collect()
-
-
-def fetch_clip_once(name):
-    """Before every rank loads a CLIP by name or URL: the first process of each node downloads it (into the
-    shared cache) while the others wait, so that 8 ranks of a fresh node do not fetch 335 MB at once."""
-    if (name in clip_model.MODELS or "://" in name) and distributed():
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            clip_model.download(name)
-        dist.barrier()
 
 
 def comm_device():
@@ -758,29 +716,43 @@ def query_shares(scores, has_background=False):
     return shares[1:] if has_background else shares
 
 
-def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.0, 1.0), what="share",
-                   min_side=256):
-    """One picture for one image: photo | overlay with a legend (query -> colour) | a heatmap per query with its
-    name (and pixel share of the label map) under it | the colour bar of the fixed scale. image: PIL; labels:
-    (H, W) label ids (0 = background when has_background); maps: (Q, H, W) values drawn on `scale`."""
-    from PIL import Image
-    import figures  # the drawing helpers: only this command needs them, so the model file copies out alone
-    photo = figures.upscale(image.convert("RGB"), min_side)
+def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.0, 1.0), what="share"):
+    """One matplotlib figure for one image: the photo, the argmax labels over it (legend: query -> colour), a
+    heatmap per query over the photo titled with its share of the label map, and one colour bar for the fixed
+    scale. image: PIL; labels: (H, W) ids (0 = background when has_background); maps: (Q, H, W) on `scale`."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    photo = np.asarray(image.convert("RGB"))
+    h, w = photo.shape[:2]
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # label and heat maps of any size drawn over the whole photo
     names = (["background"] if has_background else []) + list(queries)
-    colours = figures.colours_for(names, background=has_background)
-    overlay = figures.blend(photo, figures.label_map(labels, colours).resize(photo.size, Image.NEAREST), 0.55)
+    tab = matplotlib.colormaps["tab10"].colors
+    palette = np.array(([(0.0, 0.0, 0.0)] if has_background else []) + [tab[i % 10] for i in range(len(queries))])
     offset = 1 if has_background else 0
-    tiles = [figures.titled(photo, "photo"), figures.titled(overlay, "labels (argmax)")]
-    lo, hi = scale
+    panels = 2 + len(queries)
+    columns = min(panels, 4)
+    rows = -(-panels // columns)
+    fig = Figure(figsize=(3.2 * columns + 1.5, 3.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    axes[0].imshow(photo)
+    axes[0].set_title("photo")
+    axes[1].imshow(photo)
+    axes[1].imshow(palette[labels.numpy()], alpha=0.55, extent=extent, interpolation="nearest")
+    axes[1].set_title("labels (argmax)")
     for i, q in enumerate(queries):
-        values = ((maps[i].float().cpu() - lo) / max(hi - lo, 1e-12))
-        heat = figures.to_image(figures.colormap(values)).resize(photo.size, Image.BILINEAR)
-        pixels = (labels == i + offset).float().mean().item()
-        tiles.append(figures.titled(figures.blend(photo, heat, 0.7), f"{q} ({pixels:.0%} of pixels)"))
-    bar = figures.colour_bar(photo.height, label=what, lo=lo, hi=hi)
-    key = figures.legend(list(zip(names, colours.tolist())))
-    columns = min(len(tiles), 4)
-    return figures.row([figures.grid(tiles, columns), figures.column([bar, key])])
+        ax = axes[2 + i]
+        ax.imshow(photo)
+        heat = ax.imshow(maps[i].float().numpy(), cmap="coolwarm", vmin=scale[0], vmax=scale[1], alpha=0.7,
+                         extent=extent, interpolation="nearest")
+        ax.set_title(f"{q} ({(labels == i + offset).float().mean().item():.0%} of pixels)")
+    fig.colorbar(heat, ax=axes.tolist(), label=what, shrink=0.8)
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in zip(names, palette)], loc="outside lower center",
+               ncols=min(len(names), 6))
+    return fig
 
 
 def main(argv=None):
@@ -853,7 +825,7 @@ def main(argv=None):
         scale = (maps.min().item(), maps.max().item())  # one scale for all queries, written on the colour bar
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, "figure.png")
-    heatmap_figure(img, queries, labels.cpu(), maps.cpu(), has_bg, scale, args.heatmap).save(path)
+    heatmap_figure(img, queries, labels.cpu(), maps.cpu(), has_bg, scale, args.heatmap).savefig(path, dpi=100)
     offset = 1 if has_bg else 0
     print(f"{'query':30s} {'pixels':>8s} {args.heatmap + ' mean':>11s} {args.heatmap + ' max':>10s}")
     for i, q in enumerate(queries):

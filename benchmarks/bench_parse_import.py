@@ -79,18 +79,19 @@ def stage(name, folder, shards, workers):
     """One measurement in this process, printed as JSON: seconds, peak RSS, RSS after the imports."""
     sys.path.insert(0, ROOT)
     import parse_tags
+    import import_tags
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     files = parse_tags.input_files([os.path.join(folder, shards, "*.tar")])
     t0 = time.perf_counter()
     if name == "index":
         index = os.path.join(folder, "index.json")
-        n = sum(len(parse_tags.url_hash(url)) > 0 for url, _ in parse_tags.read_url_index(index))
+        n = sum(len(import_tags.url_hash(url)) > 0 for url, _ in import_tags.read_url_index(index))
         result = {"index_urls": n}
     elif name == "shards":
-        keys = parse_tags.read_shard_urls(files, print, int(workers))[0]
+        keys = import_tags.read_shard_urls(files, print, int(workers))[0]
         result = {"samples": len(keys)}
     else:
-        result = parse_tags.import_tags(os.path.join(folder, "object_list.csv"), os.path.join(folder, "index.json"),
+        result = import_tags.import_tags(os.path.join(folder, "object_list.csv"), os.path.join(folder, "index.json"),
                                         files, os.path.join(folder, "out-" + shards), print, workers=int(workers))
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

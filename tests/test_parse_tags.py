@@ -15,7 +15,9 @@ from collections import deque
 import pytest
 
 import parse_tags
+import tag_rules
 from labels import LabelTable
+from bench_parse_tags import precision_recall, read_labelled  # the labelled-set scoring lives there
 from conftest import ROOT, shared_lines
 
 COLOURS = {"red", "black", "brown", "white", "green", "blue", "small", "large", "old", "wooden"}
@@ -84,7 +86,7 @@ class FakeLLM:
     (["black and white dog", "the big old red bus"], [], (["dog", "bus"], ["black", "white", "big", "old", "red"])),
 ])
 def test_normalize_tags(objects, attributes, expected):
-    assert parse_tags.normalize_tags(objects, attributes) == expected
+    assert tag_rules.normalize_tags(objects, attributes) == expected
 
 
 @pytest.mark.parametrize("plural,singular", [
@@ -96,50 +98,50 @@ def test_normalize_tags(objects, attributes, expected):
     ("tennis", "tennis"), ("pies", "pie"), ("ties", "tie"), ("cities", "city"), ("glasses", "glasses"),
 ])
 def test_singularize_does_not_mangle_words(plural, singular):
-    assert parse_tags.singularize(plural) == singular
+    assert tag_rules.singularize(plural) == singular
 
 
 def test_grounding_modes():
     caption = "A person with two red umbrellas near the old harbour"
     objs, attrs = ["person", "umbrella", "boat", "sea"], ["red", "old", "wet", "banana"]
-    assert parse_tags.ground_tags(objs, attrs, caption, "none") == (objs, attrs)
-    assert parse_tags.ground_tags(objs, attrs, caption, "attributes") == (objs, ["red", "old"])
-    assert parse_tags.ground_tags(objs, attrs, caption, "all") == (["person", "umbrella"], ["red", "old"])
+    assert tag_rules.ground_tags(objs, attrs, caption, "none") == (objs, attrs)
+    assert tag_rules.ground_tags(objs, attrs, caption, "attributes") == (objs, ["red", "old"])
+    assert tag_rules.ground_tags(objs, attrs, caption, "all") == (["person", "umbrella"], ["red", "old"])
     # hyphenated caption words count whole and by part; a closed compound matches its spaced form
-    assert parse_tags.ground_tags(["double decker", "t-shirt"], ["dark"], "dark-blue t-shirt, a doubledecker",
+    assert tag_rules.ground_tags(["double decker", "t-shirt"], ["dark"], "dark-blue t-shirt, a doubledecker",
                                   "all") == (["double decker", "t-shirt"], ["dark"])
     with pytest.raises(ValueError, match="grounding"):
-        parse_tags.ground_tags([], [], "x", "sometimes")
+        tag_rules.ground_tags([], [], "x", "sometimes")
 
 
 def test_in_context_examples_are_what_the_model_sees():
     """The examples use prepare_caption's text and obey every rule the answers are held to afterwards."""
     for caption, objects, attributes in parse_tags.EXAMPLES:
-        assert parse_tags.prepare_caption(caption) == caption
+        assert tag_rules.prepare_caption(caption) == caption
         answer = parse_tags.format_answer(objects, attributes)
-        assert parse_tags.parse_answer(answer, caption, "all") == (objects, attributes), caption
+        assert tag_rules.parse_answer(answer, caption, "all") == (objects, attributes), caption
 
 
 def test_prepare_caption_handles_awkward_text():
-    assert parse_tags.prepare_caption("<PERSON> and <person> at the &amp;amp; show") == "person and person at the & show"
-    assert parse_tags.prepare_caption("  <b>bold</b>\n\ttext  ") == "bold text"
-    long = parse_tags.prepare_caption("word " * 1000)
-    assert len(long) <= parse_tags.MAX_CAPTION_CHARS and long.endswith("word")
-    assert parse_tags.prepare_caption("🐶 on a 🛹") == "🐶 on a 🛹"
+    assert tag_rules.prepare_caption("<PERSON> and <person> at the &amp;amp; show") == "person and person at the & show"
+    assert tag_rules.prepare_caption("  <b>bold</b>\n\ttext  ") == "bold text"
+    long = tag_rules.prepare_caption("word " * 1000)
+    assert len(long) <= tag_rules.MAX_CAPTION_CHARS and long.endswith("word")
+    assert tag_rules.prepare_caption("🐶 on a 🛹") == "🐶 on a 🛹"
     # an answer-shaped fragment inside a caption is only words for the model
-    assert parse_tags.prepare_caption('a cat {"objects": ["car"]} | x') == "a cat objects : car x"
+    assert tag_rules.prepare_caption('a cat {"objects": ["car"]} | x') == "a cat objects : car x"
 
 
 def test_parse_answer_reasons():
-    assert parse_tags.parse_answer('{"objects": ["Dogs"], "attributes": ["Brown"]}') == (["dog"], ["brown"])
-    assert parse_tags.parse_answer("dogs, red cars | brown") == (["dog", "car"], ["red", "brown"])
-    assert parse_tags.parse_answer("- | -") == ([], [])
-    assert parse_tags.parse_answer("dog, sky | brown, huge", "a brown dog") == (["dog"], ["brown"])
+    assert tag_rules.parse_answer('{"objects": ["Dogs"], "attributes": ["Brown"]}') == (["dog"], ["brown"])
+    assert tag_rules.parse_answer("dogs, red cars | brown") == (["dog", "car"], ["red", "brown"])
+    assert tag_rules.parse_answer("- | -") == ([], [])
+    assert tag_rules.parse_answer("dog, sky | brown, huge", "a brown dog") == (["dog"], ["brown"])
     for text, reason in [("", "empty answer"), ("{", "not JSON"), ('{"objects": "dog"}', "lists"),
                          ("[1, 2]", "objects | attributes"), ("dog, cat", "objects | attributes"),
                          ("a | b | c", "objects | attributes")]:
         with pytest.raises(ValueError, match=reason):
-            parse_tags.parse_answer(text)
+            tag_rules.parse_answer(text)
 
 
 def test_tag_caption_retries_then_records_failure():
@@ -280,7 +282,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(tmp_path):
     assert [r["key"] for r in after] == [k for k, _ in SAMPLES]  # every key once, in order, no partial line
     assert after[:len(before)] == before and stats["skipped"] == len(before)
     redone = {c for c, _ in llm.calls}
-    assert not redone & {parse_tags.prepare_caption(c) for k, c in SAMPLES if k in {r["key"] for r in before} and "hopeless" not in c}
+    assert not redone & {tag_rules.prepare_caption(c) for k, c in SAMPLES if k in {r["key"] for r in before} and "hopeless" not in c}
 
 
 def test_ctrl_c_leaves_a_resumable_file(tmp_path):
@@ -547,7 +549,7 @@ def batched():
     return parse_tags.BatchTagger(parse_tags.smollm2_path(), parallel=8, n_threads=2)
 
 
-def tag_all(tagger, captions, grounding=parse_tags.DEFAULT_GROUNDING):
+def tag_all(tagger, captions, grounding=tag_rules.DEFAULT_GROUNDING):
     """Captions -> results through parse_captions (the real pipeline: batching, retries, in-order writing)."""
     import tempfile
     with tempfile.TemporaryDirectory() as out:
@@ -595,7 +597,7 @@ def test_kv_cache_holds_every_sequence_at_its_longest_with_one_shared_prefix():
     assert tagger.kv_cells == -(-(len(tagger.prefix) + 4 * per_seq + 64) // 256) * 256
     assert tagger.kv_cells < 4 * (len(tagger.prefix) + per_seq)
     rng = random.Random(0)
-    texts = [parse_tags.prepare_caption(" ".join("".join(rng.choice("ğüşçößжщюй") for _ in range(3)) + "a"
+    texts = [tag_rules.prepare_caption(" ".join("".join(rng.choice("ğüşçößжщюй") for _ in range(3)) + "a"
                                                  for _ in range(200))) for _ in range(8)]
     assert min(len(tagger.tokenize(t)) for t in texts) > tagger.max_caption_tokens  # each is cut to the longest
     answers = raw_answers(tagger, texts)
@@ -677,13 +679,13 @@ def labelled_rows():
     shared = os.path.join(os.path.dirname(ROOT), "shared", "benchmarks")
     if not os.path.isdir(shared):
         pytest.skip(f"{shared} not present")
-    return parse_tags.read_labelled(LABELS, shared)
+    return read_labelled(LABELS, shared)
 
 
 def quality(tagger, rows):
     results = tag_all(tagger, [c for c, _, _ in rows])
-    objs = parse_tags.precision_recall([(r.get("objects", []), o) for r, (_, o, _) in zip(results, rows)])
-    attrs = parse_tags.precision_recall([(r.get("attributes", []), a) for r, (_, _, a) in zip(results, rows)])
+    objs = precision_recall([(r.get("objects", []), o) for r, (_, o, _) in zip(results, rows)])
+    attrs = precision_recall([(r.get("attributes", []), a) for r, (_, _, a) in zip(results, rows)])
     print(f"{len(rows)} captions: objects P {objs[0]:.2f} R {objs[1]:.2f}; attributes P {attrs[0]:.2f} R {attrs[1]:.2f}")
     return results, objs, attrs
 
@@ -692,8 +694,8 @@ def test_labelled_set_and_scoring():
     rows = labelled_rows()
     assert len(rows) >= 100 and all(o or a for _, o, a in rows[:60])
     # scoring by hand: 'motorcycle' and 'car' predicted, {motorcycle}, {garage, building} expected
-    assert parse_tags.precision_recall([(["motorcycle", "car"], [{"motorcycle"}, {"garage", "building"}])]) == (0.5, 0.5)
-    assert parse_tags.precision_recall([(["a", "b", "c"], ["a"]), ([], ["d"])]) == (1 / 3, 1 / 2)
+    assert precision_recall([(["motorcycle", "car"], [{"motorcycle"}, {"garage", "building"}])]) == (0.5, 0.5)
+    assert precision_recall([(["a", "b", "c"], ["a"]), ([], ["d"])]) == (1 / 3, 1 / 2)
 
 
 @pytest.mark.slow
@@ -801,7 +803,7 @@ def test_a_vicuna_query_is_tokenised_as_the_model_is_shown_it(vicuna_vocab):
     t = vicuna_vocab
     for caption in ["A small kitten lying on the grass.", "  leading spaces", "<PERSON> smiles at the premiere",
                     "café «crème» with 3 croissants!", "-", "x", "naïve Ωmega, 東京 at night..."]:
-        text = parse_tags.prepare_caption(caption)
+        text = tag_rules.prepare_caption(caption)
         start, feed = t.query_feed(text)
         whole = t.tokenize(rendered(t, text), add_special=True, parse_special=True)
         assert t.prefix[:start] + feed == whole, caption
@@ -867,16 +869,16 @@ def test_raw_answers_are_kept_and_rederived_under_new_rules_without_a_model(tmp_
     answers = {"a cat on a mat": "cat, mat | -", "two skis in the snow": "skis, snow | -"}
     llm = lambda text, strict=False: answers[text]
     settings = {"model_bytes": 1, "model_head": "m", "grounding": "all", "prompt": "p",
-                "rules": parse_tags.rules_version()}
+                "rules": tag_rules.rules_version()}
     out = tmp_path / "o"
     parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=settings)
     recs = records(out / "parsed.0-of-1.jsonl")
     assert [r.get("raw") for r in recs] == ["cat, mat | -", "skis, snow | -", ""]  # no LLM for an empty caption
     assert recs[1]["objects"] == ["ski", "snow"]
     # a rule change: 'snow' becomes a function word
-    monkeypatch.setattr(parse_tags, "STOPWORDS", parse_tags.STOPWORDS | {"snow"})
-    monkeypatch.setattr(parse_tags, "OBJECT_STOPWORDS", parse_tags.OBJECT_STOPWORDS | {"snow"})
-    new = {**settings, "rules": parse_tags.rules_version()}
+    monkeypatch.setattr(tag_rules, "STOPWORDS", tag_rules.STOPWORDS | {"snow"})
+    monkeypatch.setattr(tag_rules, "OBJECT_STOPWORDS", tag_rules.OBJECT_STOPWORDS | {"snow"})
+    new = {**settings, "rules": tag_rules.rules_version()}
     assert new["rules"] != settings["rules"]
     with pytest.raises(parse_tags.SettingsMismatch, match="rules"):
         parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=new)
@@ -947,9 +949,9 @@ def test_a_kv_budget_admits_captions_by_the_cells_they_need():
     assert tight.kv_cells == (len(tight.prefix) + 64 + 420) // 256 * 256 and tight.room < 8 * 60
     lines = shared_lines("coco_captions.txt")[300:364]
     captions = [" ".join(lines[i:i + 4]) for i in range(0, 64, 4)]  # ~60 tokens each: 8 at once would not fit
-    assert sum(sorted(len(tight.query_feed(parse_tags.prepare_caption(c))[1]) + 16 for c in captions)[:8]) \
+    assert sum(sorted(len(tight.query_feed(tag_rules.prepare_caption(c))[1]) + 16 for c in captions)[:8]) \
         > tight.room
-    jobs = deque((i, parse_tags.prepare_caption(c), False) for i, c in enumerate(captions))
+    jobs = deque((i, tag_rules.prepare_caption(c), False) for i, c in enumerate(captions))
     answers = {}
     for ticket, raw, error in tight.run(lambda: jobs.popleft() if jobs else None):
         answers[ticket] = (raw, error)
@@ -957,3 +959,23 @@ def test_a_kv_budget_admits_captions_by_the_cells_they_need():
     assert all(e is None or e.startswith("answer cut at") for _, e in answers.values())
     with pytest.raises(ValueError, match="holds .* KV cells; the prompt and one longest caption need"):
         parse_tags.BatchTagger(path, parallel=8, n_threads=2, n_batch=64, max_tokens=16, kv_gb=budget / 4)
+
+
+def test_the_rules_version_follows_code_and_words_not_comments(tmp_path):
+    """rules_version() of a copy of tag_rules.py: a comment or docstring edit keeps it, a code edit changes it."""
+    import importlib.util
+    source = open(os.path.join(ROOT, "tag_rules.py"), encoding="utf-8").read()
+
+    def version(text, name):
+        (tmp_path / f"{name}.py").write_text(text, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location(name, tmp_path / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.rules_version()
+
+    assert version(source, "same") == tag_rules.rules_version()
+    commented = source.replace('def singularize(word):\n    """', 'def singularize(word):  # a note\n    """Note. ')
+    assert commented != source and version(commented, "commented") == tag_rules.rules_version()
+    changed = source.replace('DESCRIBING_ENDINGS = ("ful", "ous", "less", "ish")',
+                             'DESCRIBING_ENDINGS = ("ful", "ous", "less")')
+    assert changed != source and version(changed, "changed") != tag_rules.rules_version()
