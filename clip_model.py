@@ -16,7 +16,7 @@ What is in here (paper references are to arXiv 2312.14149 unless said otherwise)
 - The byte-level BPE tokenizer (`SimpleTokenizer`, `tokenize`), identical ids to OpenAI's.
 - Dense features at any input size (a multiple of the patch size) with bicubic positional-embedding
   interpolation computed on the fly.
-- CLIP Surgery's dual path (Li et al. 2023) as TagAlign wires it (SPEC section 2): in the last N blocks a
+- CLIP Surgery's dual path (Li et al. 2023) as TagAlign wires it (docs/method.md): in the last N blocks a
   second residual stream x_new accumulates v-v attention softmax(v v^T / sqrt(d)) v, while the original
   stream x_ori runs unchanged; the 768-d x_new patch tokens before ln_post are TagAlign's dense input (Sec. 3.2).
 """
@@ -233,7 +233,7 @@ class Attention(nn.Module):
         return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
     def forward_surgery(self, x):
-        """Returns (v-v attention, original attention) through the shared output projection (SPEC section 2)."""
+        """Returns (v-v attention, original attention) through the shared output projection (docs/method.md)."""
         q, k, v = self.qkv(x)
         a_vv = F.scaled_dot_product_attention(v, v, v)
         a_ori = F.scaled_dot_product_attention(q, k, v)
@@ -319,7 +319,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.transformer(x)[:, 0])
 
     def forward_surgery(self, x, surgery_layers=None):
-        """CLIP Surgery dual path over the last `surgery_layers` blocks (SPEC section 2; default: the last half,
+        """CLIP Surgery dual path over the last `surgery_layers` blocks (docs/method.md; default: the last half,
         6 of ViT-B's 12 as the authors use, 12 of ViT-L's 24). Returns the x_new tokens (B, 1 + h*w, C) BEFORE
         ln_post, token 0 being the CLS of x_ori, and (h, w). With surgery_layers=0 this is the plain model's
         pre-ln_post token sequence."""

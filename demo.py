@@ -71,7 +71,7 @@ def chance_miou(folder):
 WINDOW, STRIDE, BG_THRESHOLD = 128, 64, 0.5  # 0.5: the `folder` layout's default background threshold
 
 
-def results_figure(out, table, path, images=4, size=160):
+def results_figure(out, table, path, images=4):
     """out/demo/results.png: for the first held-out images, photo | ground truth | untrained | trained, for the
     colour (attribute) and the shape (object) labels, each model's mIoU in its column title, a legend per view."""
     import figures
@@ -80,37 +80,38 @@ def results_figure(out, table, path, images=4, size=160):
     clip = f"{out}/clip_tiny-quickgelu.pt"
     models = {"untrained": tagalign.load_model(None, clip, surgery_layers=1),
               "trained": tagalign.load_model(f"{out}/run/ckpt.pt", clip)}
-    blocks = []
-    for view, what in (("colours", "colours (attribute tags)"), ("shapes", "shapes (object tags)")):
+    fig = figures.figure(figsize=(8.5, 2 * (1.8 * images + 0.7)))
+    for block, (view, what) in zip(fig.subfigures(2, 1), (("colours", "colours (attribute tags)"),
+                                                          ("shapes", "shapes (object tags)"))):
         folder = f"{out}/synthetic/seg/{view}"
         classes = open(f"{folder}/classes.txt").read().split("\n")[:-1]
         colours = figures.colours_for(classes, background=True)  # colour classes in their own colour
         rows = []
         for i in range(images):
             photo = Image.open(f"{folder}/images/{i:05d}.png").convert("RGB")
-            truth = evaluate.pil_to_long(Image.open(f"{folder}/labels/{i:05d}.png"))
-            tiles = [figures.upscale(photo, size), figures.upscale(figures.label_map(truth, colours), size, nearest=True)]
-            for when, model in models.items():
+            tiles = [photo, evaluate.pil_to_long(Image.open(f"{folder}/labels/{i:05d}.png"))]
+            for model in models.values():
                 text = tagalign.text_embeddings(model.clip, classes[1:])  # background is never a prompt
                 pred, _ = tagalign.segment(tagalign.feature_fn(model), photo, text, clip_weight=0,
-                                           bg_threshold=BG_THRESHOLD, window=WINDOW, stride=STRIDE, short_side=WINDOW)
-                tiles.append(figures.upscale(figures.label_map(pred, colours), size, nearest=True))
-            if i == 0:
-                titles = ["photo", "ground truth", f"untrained: mIoU {table[(view, 'untrained')]:.1f}",
-                          f"trained: mIoU {table[(view, 'trained')]:.1f}"]
-                tiles = [figures.titled(t, s, below=False) for t, s in zip(tiles, titles)]
-            rows.append(figures.row(tiles))
-        key = figures.legend(list(zip(classes, colours.tolist())))
-        blocks.append(figures.titled(figures.row([figures.column(rows), key]),
-                                     f"{what}: held-out images, chance mIoU {table[(view, 'chance')]:.1f}",
-                                     size=16, below=False))
-    figures.column(blocks, gap=20).save(path)
+                                           bg_threshold=BG_THRESHOLD, window=WINDOW, stride=STRIDE,
+                                           short_side=WINDOW)
+                tiles.append(pred)
+            titles = ["photo", "ground truth", f"untrained\nmIoU {table[(view, 'untrained')]:.1f}",
+                      f"trained\nmIoU {table[(view, 'trained')]:.1f}"] if i == 0 else [None] * 4
+            rows.append(list(zip(tiles, titles)))
+        figures.draw_tiles(block, rows, colours)
+        figures.class_legend(block, zip(classes, colours.tolist()))
+        chance = table[(view, "chance")]
+        block.suptitle(f"{what}: held-out images, chance mIoU {chance:.1f}", fontsize="large")
+    fig.savefig(path)
 
 
 def training_figure(log_path, path):
     """out/demo/training.png: the loss terms (obj, attr, itc) over steps, read from train.py's log.txt."""
     import figures
-    series = {"obj": [], "attr": [], "itc": []}
+    names = {"obj": "obj (object tags)", "attr": "attr (attribute tags)",
+             "itc": "itc (image-text contrastive)"}
+    series = {name: [] for name in names}
     for line in open(log_path).read().splitlines():
         if line.startswith("step "):
             fields = line.split()
@@ -119,7 +120,15 @@ def training_figure(log_path, path):
                 value = fields[fields.index(name) + 1]
                 if value != "off":
                     series[name].append((step, float(value)))
-    figures.line_plot(series, title="training loss terms (log.txt)", ylabel="loss").save(path)
+    fig = figures.figure(figsize=(6.4, 3.8))
+    ax = fig.subplots()
+    for name, points in series.items():
+        if points:  # a term switched off has no line
+            ax.plot(*zip(*points), marker="o", markersize=3, label=names[name])
+    ax.set(title="training loss terms (train.py's log.txt)", xlabel="step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
 
 
 def main():

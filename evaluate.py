@@ -1,6 +1,6 @@
 """
-Open-vocabulary segmentation benchmarks (SPEC section 7; layouts in ../shared/benchmarks/LAYOUTS.md) and referring
-segmentation on RefCOCO/+/g (REFCOCO.md), self-contained: no mmcv, mmseg or pycocotools.
+Open-vocabulary segmentation benchmarks (docs/evaluation.md; layouts in docs/datasets.md) and referring
+segmentation on RefCOCO/+/g (docs/refcoco.md), self-contained: no mmcv, mmseg or pycocotools.
 
 Run:
     python evaluate.py --checkpoint runs/tagalign/ckpt.pt --dataset voc --data-root data/
@@ -26,7 +26,7 @@ dataset: background threshold, stride, window, short side; run-wide: rule, clip 
 checkpoint, --limit, processes, code version, and the command that reruns it) and written beside results.json
 (every method's per-class detail) as results.csv and results.md.
 Files, layouts and flags are checked before CLIP is loaded. Under torchrun each process takes GPU LOCAL_RANK
-(tagalign.init_distributed); images are split over ranks and every collective goes through the backend's device.
+(ddp.init_distributed); images are split over ranks and every collective goes through the backend's device.
 """
 import argparse
 import json
@@ -43,12 +43,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip_model
+import ddp
 import tagalign
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name: folder under --data-root, image/label dirs and suffixes, split file, class list, label conventions,
-# background threshold (None: no background class) and window stride of rule v3 (SPEC section 7).
+# background threshold (None: no background class) and window stride of rule v3 (docs/evaluation.md).
 DATASETS = {
     "voc": dict(root="VOCdevkit/VOC2012", img="JPEGImages", ann="SegmentationClass", img_suffix=".jpg",
                 seg_suffix=".png", split="ImageSets/Segmentation/val.txt", classes="voc21.txt", bg=0.45, stride=56),
@@ -83,14 +84,14 @@ DATASETS["folder"] = dict(root="", img="images", ann="labels", img_suffix=".png"
                           bg=None, stride=None)
 REFER = {"refcoco": ("unc", ["val", "testA", "testB"]), "refcoco+": ("unc", ["val", "testA", "testB"]),
          "refcocog": ("umd", ["val", "test"])}
-# Paper v3 Table (no post-processing / with PAMR), SPEC section 8.
+# The paper's (v3) table: no post-processing / with PAMR.
 PAPER = {"voc": (55.3, 57.9), "context": (32.7, 34.3), "coco_object": (35.1, 35.4), "imagenet_s50": (52.8, 55.1),
          "imagenet_s300": (34.4, 35.1), "voc20": (83.8, 88.4), "context59": (35.1, 38.6), "coco_stuff": (23.1, 25.8),
          "cityscapes": (27.3, 27.6), "ade": (16.9, 17.3)}
 PAPER_REFER = {("refcoco", "val"): 18.75, ("refcoco", "testA"): 20.31, ("refcoco", "testB"): 20.64,
                ("refcoco+", "val"): 19.24, ("refcoco+", "testA"): 20.88, ("refcoco+", "testB"): 21.23,
                ("refcocog", "val"): 23.69}
-# Validation images per dataset (SPEC section 7).
+# Validation images per dataset (the official splits; docs/datasets.md).
 EXPECTED_COUNTS = {"voc": 1449, "voc20": 1449, "context": 5105, "context59": 5105, "coco_object": 5000,
                    "coco_stuff": 5000, "cityscapes": 500, "ade": 2000, "imagenet_s50": 752, "imagenet_s300": 4097}
 
@@ -112,7 +113,7 @@ def find_pairs(spec, root):
             raise FileNotFoundError(f"{d} not found. Expected layout under {base}: images in {spec['img']}/*"
                                     f"{spec['img_suffix']}, labels in {spec['ann']}/*{spec['seg_suffix']}"
                                     + (f", split file {spec['split']}" if spec.get("split") else "")
-                                    + " (see ../shared/benchmarks/LAYOUTS.md)")
+                                    + " (see docs/datasets.md)")
 
     def scan(folder, suffix):
         out = []
@@ -199,7 +200,7 @@ def gather_dicts(d):
 
 
 def settings(name, args, classes=None):
-    """Everything that changes one dataset's numbers, as keyword arguments of tagalign.segment: SPEC section 7's
+    """Everything that changes one dataset's numbers, as keyword arguments of tagalign.segment: the evaluation protocol's
     per-dataset defaults, overridden by flags. The only place that reads --window, --short-side, --stride and
     --bg-threshold, so the run, the printed settings and results.json cannot disagree. The `folder` dataset has
     a background class when classes.txt starts with 'background' (threshold 0.5 unless given) and a stride of
@@ -324,24 +325,22 @@ def save_prediction(folder, name, img_path, img, preds, gt, classes, ignore, has
     from PIL import Image
     import figures
     colours = figures.label_colours(len(classes), background=has_background)
-    photo = figures.fit(figures.upscale(img.resize(gt.shape[::-1], Image.BILINEAR), 256), 512)
-    size = photo.size
     valid = gt != ignore
-    tiles = [figures.titled(photo, "photo"),
-             figures.titled(figures.label_map(gt, colours, ignore).resize(size, Image.NEAREST), "ground truth")]
+    tiles = [(img.resize(gt.shape[::-1], Image.BILINEAR), "photo"), (gt, "ground truth")]
     present = set(gt[valid].unique().tolist())
     for method, pred in preds.items():
         accuracy = (pred[valid] == gt[valid]).float().mean().item() if valid.any() else float("nan")
-        tiles.append(figures.titled(figures.label_map(pred, colours).resize(size, Image.NEAREST),
-                                    f"{method} (pixel accuracy {accuracy:.0%})"))
+        tiles.append((pred, f"{method} (pixel accuracy {accuracy:.0%})"))
         present |= set(pred.unique().tolist())
-    entries = [(classes[c].strip() or repr(classes[c]), colours[c].tolist())
-               for c in sorted(present) if c < len(classes)]
-    key = figures.legend(entries + ([("ignored", figures.WHITE)] if (~valid).any() else []))
+    legend = [(classes[c].strip() or repr(classes[c]), colours[c].tolist()) for c in sorted(present)
+              if c < len(classes)] + ([("ignored", figures.WHITE)] if (~valid).any() else [])
     stem = os.path.splitext(os.path.basename(img_path))[0]
+    fig = figures.figure(figsize=(3 * len(tiles) + 2, 3 * gt.shape[0] / gt.shape[1] + 0.9))
+    figures.draw_tiles(fig, [tiles], colours, ignore)
+    figures.class_legend(fig, legend)
+    fig.suptitle(f"{name}: {stem}", fontsize="large")
     os.makedirs(os.path.join(folder, name), exist_ok=True)
-    panel = figures.row(tiles + [key])
-    figures.titled(panel, f"{name}: {stem}", size=15, below=False).save(os.path.join(folder, name, f"{stem}.png"))
+    fig.savefig(os.path.join(folder, name, f"{stem}.png"))
 
 
 # ---- RefCOCO: COCO masks without pycocotools
@@ -435,7 +434,7 @@ def polygon_rle(xy, h, w):
 
 def annotation_mask(segmentation, h, w):
     """A COCO annotation's segmentation (polygons, uncompressed or compressed RLE) -> (h, w) bool mask; several
-    polygon parts are united (refer sums them and keeps == 1; we keep > 0, see REFCOCO.md)."""
+    polygon parts are united (refer sums them and keeps == 1; we keep > 0, see docs/refcoco.md)."""
     if isinstance(segmentation, list):
         mask = torch.zeros(h, w, dtype=torch.bool)
         for poly in segmentation:
@@ -453,7 +452,7 @@ def refer_paths(name, root):
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p} not found. Expected the refer layout under {root}: "
                                     f"{name}/refs({split_by}).p, {name}/instances.json, images/mscoco/images/train2014/ "
-                                    "(see ../shared/benchmarks/REFCOCO.md)")
+                                    "(see docs/refcoco.md)")
     return paths
 
 
@@ -695,7 +694,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="one dataset: " + ", ".join(STANDARD + list(REFER)))
     p.add_argument("--datasets", default=None, help="comma-separated datasets, or 'all' (the ten) or 'refer'")
     p.add_argument("--data-root", required=True, help="folder holding the datasets' folders (see the docstring)")
-    p.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (SPEC section 7)")
+    p.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (docs/evaluation.md)")
     p.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
     p.add_argument("--bg-threshold", type=float, default=None, help="override the dataset's background threshold")
     p.add_argument("--stride", type=int, default=None, help="override the dataset's window stride")
@@ -788,7 +787,7 @@ SAME_FILES = {"voc20": "voc", "context59": "context"}
 
 
 def check_data(names, root, progress=True, listed=20):
-    """Check prepared datasets without a model: the image/label pairs found against SPEC's count, images without
+    """Check prepared datasets without a model: the image/label pairs found against the official split's count, images without
     a label and labels without an image, each label's mode, size (that of its image) and values (inside the
     dataset's class range or its ignore id, after mmseg's reduce_zero_label). Prints one line per dataset, then
     every problem (at most `listed` files per kind and dataset); returns the list of problems. A dataset reading
@@ -818,7 +817,7 @@ def check_data(names, root, progress=True, listed=20):
             continue
         expected = EXPECTED_COUNTS.get(name)
         if expected is not None and len(pairs) != expected:
-            found.append(f"{len(pairs)} image/label pairs, SPEC expects {expected:,}")
+            found.append(f"{len(pairs)} image/label pairs, the official split has {expected:,}")
         found += [f"image without label: {s}" for s in no_label[:listed]]
         found += [f"label without image: {s}" for s in no_image[:listed]]
         for kind, rest in (("images without label", no_label[listed:]), ("labels without image", no_image[listed:])):
@@ -844,7 +843,7 @@ def check_data(names, root, progress=True, listed=20):
                 bad_files.append(f"{ann_path}: {label.shape[1]}x{label.shape[0]}, its image is {size[0]}x{size[1]}")
         found += bad_files[:listed] + ([f"... and {len(bad_files) - listed} more bad labels"]
                                        if len(bad_files) > listed else [])
-        count = f"{len(pairs)} pairs" + (f" (SPEC {expected:,})" if expected is not None else "")
+        count = f"{len(pairs)} pairs" + (f" (official {expected:,})" if expected is not None else "")
         values = f"labels 0..{len(classes) - 1}, ignore {spec.get('ignore', 255)}"
         print(f"{name:14s} {'FAIL' if found else 'OK':6s} {count}; {values}"
               + (f"; {len(found)} problem(s)" if found else ""))
@@ -873,7 +872,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     try:
         # GPU LOCAL_RANK set before NCCL starts; the timeout covers rank 0 downloading a CLIP for the node
-        rank, world, device = tagalign.init_distributed(args.dist_timeout)
+        rank, world, device = ddp.init_distributed(args.dist_timeout)
         model = tagalign.load_model(args.checkpoint, args.clip, args.surgery_layers, device,
                                     clip_model.ACTIVATIONS[args.clip_act])
         apply_backbone(args, model.clip)
@@ -882,9 +881,9 @@ def main(argv=None):
     try:
         results = run(args, names, methods, model, rank, world, device)
     except BaseException:  # e.g. a bad label file on one rank: no final barrier, which the others may never reach
-        tagalign.end_distributed(finished=False)
+        ddp.end_distributed(finished=False)
         raise
-    tagalign.end_distributed()
+    ddp.end_distributed()
     return results
 
 

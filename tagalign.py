@@ -6,7 +6,7 @@ Run it on one image (writes an overlay PNG and one heatmap PNG per query into --
     python tagalign.py --image photo.jpg --queries "brown cat,dog"                  # no checkpoint: raw CLIP Surgery
     python tagalign.py --image photo.jpg --queries "cat,dog" --method naclip        # a training-free baseline
 
-What it implements (arXiv 2312.14149 v3; SPEC sections 2-4 and 7):
+What it implements (arXiv 2312.14149 v3; docs/method.md):
 - Sec. 3.2: a gated-conv projector (2 residual blocks x 2 branches: LayerNorm -> GELU -> 3x3 conv -> tanh(g),
   g = 0 at init, so the projector starts as the identity) on the CLIP Surgery patch tokens (as wide as the
   vision tower: 768 for ViT-B, 1024 for ViT-L; surgery on the last half of its blocks by default), then a
@@ -267,7 +267,7 @@ def half_window(window, patch):
 
 
 def scaled_stride(stride, window, patch, authors_window=448):
-    """A stride of the authors' config (SPEC section 7, ViT-B/16 with 448 windows) for another backbone or window:
+    """A stride of the authors' config (docs/evaluation.md, ViT-B/16 with 448 windows) for another backbone or window:
     the same fraction of the window, rounded to a multiple of the patch size so that every window's patch grid
     lines up with its neighbours' (B/32: 56 -> 64; L/14 at 448: 56 stays 4 patches). ViT-B/16 at 448 keeps the
     authors' values exactly, 56 (3.5 patches) included."""
@@ -487,7 +487,7 @@ def tagalign_loss(model: TagAlign, z, caption_emb, obj_labels, obj_emb, attr_lab
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training-free baselines: the last vision block rewired (SPEC section 2), then the frozen ln_post + proj.
+# Training-free baselines: the last vision block rewired (docs/method.md), then the frozen ln_post + proj.
 
 def gaussian_prior(h, w, sigma, device):
     """NACLIP's neighbourhood prior: exp(-d^2 / (2 sigma^2)) between patch positions, (h*w, h*w)."""
@@ -649,7 +649,7 @@ def pamr_neighbours(x, dilations):
 
 
 def pamr(image, masks, dilations=(1, 2, 4, 8, 12, 24), iterations=10):
-    """Pixel-adaptive mask refinement (SPEC section 7). image: (B, 3, H, W) normalised; masks: (B, C, h, w).
+    """Pixel-adaptive mask refinement (docs/evaluation.md). image: (B, 3, H, W) normalised; masks: (B, C, h, w).
     Returns (B, C, H, W). Memory: a few (B, C, H, W) and (B, 48, H, W) tensors; the 48 neighbours are visited
     one at a time (each class evolves independently and all share the affinities)."""
     B, _, H, W = image.shape
@@ -722,14 +722,17 @@ def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.
     scale. image: PIL; labels: (H, W) ids (0 = background when has_background); maps: (Q, H, W) on `scale`."""
     import matplotlib
     import numpy as np
+    from matplotlib.colors import is_color_like, to_rgb
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     photo = np.asarray(image.convert("RGB"))
     h, w = photo.shape[:2]
     extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # label and heat maps of any size drawn over the whole photo
     names = (["background"] if has_background else []) + list(queries)
-    tab = matplotlib.colormaps["tab10"].colors
-    palette = np.array(([(0.0, 0.0, 0.0)] if has_background else []) + [tab[i % 10] for i in range(len(queries))])
+    # a query that names a colour ("red") is drawn in it, the others in tab10's colours
+    tab = iter(matplotlib.colormaps["tab10"].colors * len(queries))
+    own = [to_rgb(q.strip()) if q.strip().isalpha() and is_color_like(q.strip()) else next(tab) for q in queries]
+    palette = np.array(([(0.0, 0.0, 0.0)] if has_background else []) + own)
     offset = 1 if has_background else 0
     panels = 2 + len(queries)
     columns = min(panels, 4)
@@ -769,7 +772,7 @@ def main(argv=None):
     parser.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS),
                         help=clip_model.ACTIVATION_HELP + "; with --checkpoint, auto = the activation it was trained with")
     parser.add_argument("--out-dir", default="out/tagalign", help="where the PNGs are written")
-    parser.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (SPEC section 7)")
+    parser.add_argument("--rule", default="v3", choices=["v3", "v1"], help="evaluation rule (docs/evaluation.md)")
     parser.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
     parser.add_argument("--bg-threshold", type=float, default=None, help="score below which a pixel is background")
     parser.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"], help="prompt templates")

@@ -1,5 +1,5 @@
 """
-Train TagAlign (SPEC sections 4-5): the projector on frozen CLIP Surgery features, with the multi-tag losses
+Train TagAlign (paper Sec. 3-4; docs/training.md): the projector on frozen CLIP Surgery features, with the multi-tag losses
 (objects and attributes, Eq. 1-4) and the image-text contrastive loss (Eq. 5), L = L_tag + lambda L_itc (Eq. 6).
 
 Run:
@@ -46,6 +46,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
+import ddp
 import parse_tags
 import tagalign
 from labels import LabelTable
@@ -422,7 +423,7 @@ def multi_hot(rows, cols, batch, K, device):
 
 
 def train_transform(image_size, augment, min_crop_scale=0.08, auto_augment="rand-m9-mstd0.5-inc1"):
-    """SPEC section 5, the authors' `img_aug` exactly, as (crop, rest): timm's create_transform(is_training=True)
+    """The authors' `img_aug` exactly, as (crop, rest): timm's create_transform(is_training=True)
     with RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bilinear) (`crop`, applied by decode_and_crop while it
     decodes), then flip 0.5, RandAugment 'rand-m9-mstd0.5-inc1' (2 ops from timm's 15 'increasing' ops, each
     applied with probability 0.5, magnitude ~ N(9, 0.5) on a 0-10 scale, geometric ops filled with the mean
@@ -497,7 +498,7 @@ def parse_args(argv=None):
                    help="CLIP Surgery on the last N vision blocks (default: the last half, 6 of ViT-B's 12)")
     p.add_argument("--image-size", type=int, default=None,
                    help="training crop size (default: the CLIP's input size, 224; 336 for ViT-L/14@336px)")
-    p.add_argument("--no-augment", action="store_true", help="resize + centre crop only (no SPEC augmentation)")
+    p.add_argument("--no-augment", action="store_true", help="resize + centre crop only (no augmentation)")
     p.add_argument("--min-crop-scale", type=float, default=0.08, help="smallest area share of RandomResizedCrop")
     p.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1",
                    help="timm RandAugment policy (authors' default), or 'none' (e.g. for data whose captions name "
@@ -639,13 +640,13 @@ def print0(*args, **kwargs):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = tagalign.init_distributed(args.dist_timeout)  # the one DDP block (torchrun, or one process)
+    rank, world, device = ddp.init_distributed(args.dist_timeout)  # the one DDP block (torchrun, or one process)
     try:
         train(args, rank, world, device)
     except BaseException:
-        tagalign.end_distributed(finished=False)
+        ddp.end_distributed(finished=False)
         raise
-    tagalign.end_distributed()
+    ddp.end_distributed()
 
 
 def train(args, rank, world, device):

@@ -33,7 +33,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--width", type=int, default=500, help="input image width")
     parser.add_argument("--height", type=int, default=375, help="input image height")
-    parser.add_argument("--stride", type=int, default=56, help="window stride (SPEC: 56 for most datasets)")
+    parser.add_argument("--stride", type=int, default=56, help="window stride (56: the authors' for most datasets)")
     parser.add_argument("--classes", type=int, default=20, help="number of text queries")
     parser.add_argument("--window-batch", type=int, default=16, help="windows per forward in the batched run")
     parser.add_argument("--images", type=int, default=2, help="timed images per measurement")

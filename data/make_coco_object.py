@@ -1,6 +1,6 @@
 """
 Build COCO-Object labels from COCO-Stuff-164k's raw stuffthingmaps (as GroupViT/TCL's convert_coco_object does;
-SPEC section 7, LAYOUTS.md section 4): thing classes -> 1..80 in COCO-Stuff order, every stuff class and the
+docs/datasets.md): thing classes -> 1..80 in COCO-Stuff order, every stuff class and the
 unlabeled 255 -> 0 (background). No ignore label remains. The conversion lives in data/prepare_datasets.py
 (`--datasets coco_object`), which prepares every benchmark; this command is kept for scripts that call it.
 

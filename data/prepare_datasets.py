@@ -1,5 +1,5 @@
 """
-Turn each benchmark's official download into the layout evaluate.py reads (../shared/benchmarks/LAYOUTS.md),
+Turn each benchmark's official download into the layout evaluate.py reads (docs/datasets.md),
 with torch, PIL and the standard library only: no mmseg, mmcv, Detail API, cityscapesScripts or pycocotools.
 
 Run (from the repository root; --data-root is the folder evaluate.py's --data-root points at):
@@ -54,14 +54,14 @@ ADE_ROOT = "ade/ADEChallengeData2016"
 # PASCAL-Context: the 60 Detail category ids kept by mmseg's tools/convert_datasets/pascal_context.py (0 plus the
 # 59 most frequent classes), sorted. A pixel's label is the rank of its Detail id in this list (the converter's
 # np.digitize against the sorted list), so 0 -> 0 background, 2 -> 1 aeroplane, ..., 458 -> 59 wood, which is the
-# order of context60.txt. Source: SOURCES.md ("Auxiliary facts") and mmseg's converter.
+# order of context60.txt. Source: mmseg's converter (docs/datasets.md).
 CONTEXT_DETAIL_IDS = [0, 2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113,
                       115, 144, 158, 159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326,
                       347, 349, 354, 355, 360, 366, 368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458]
 
 # COCO-Stuff 164k raw maps hold COCO-Stuff id - 1: things 0..90, stuff 91..181, 255 unlabeled. These raw thing ids
 # have no class (COCO dropped them); mmseg's coco_stuff164k.py table skips them, so the other 80 things get train
-# ids 0..79 in order and stuff 91..181 gets 80..170 (LAYOUTS.md section 3).
+# ids 0..79 in order and stuff 91..181 gets 80..170 (docs/datasets.md).
 COCO_UNUSED_THINGS = {11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90}
 COCO_USED_RAW = [r for r in range(182) if r not in COCO_UNUSED_THINGS]
 
@@ -427,7 +427,7 @@ def prepare_context(root, splits, workers, overwrite, progress, json_path=None):
             return f"already prepared ({', '.join(f'{s} {len(stems_listed[s])}' for s in wanted)} labels)", []
     if not os.path.isfile(json_path):
         raise FileNotFoundError(f"{json_path} not found: download the Detail annotations trainval_merged.json "
-                                f"into {root}/ (LAYOUTS.md section 2)")
+                                f"into {root}/ (docs/datasets.md)")
     images, by_image = read_detail(json_path)
     table = context_table()
     stems, jobs, done = {s: [] for s in wanted}, [], 0
@@ -465,10 +465,10 @@ def check_layout(name, data_root):
     evaluate = load_evaluate()
     pairs, no_label, no_image = evaluate.find_pairs(evaluate.DATASETS[name], data_root)
     expected = evaluate.EXPECTED_COUNTS[name]
-    problems = [f"{len(pairs)} image/label pairs; SPEC expects {expected:,}"] if len(pairs) != expected else []
+    problems = [f"{len(pairs)} image/label pairs; the official split has {expected:,}"] if len(pairs) != expected else []
     problems += [f"image without label: {s}" for s in no_label[:20]] + [f"label without image: {s}" for s in no_image[:20]]
     note = "; LUSSeg's data_preparation.sh only copies files" if name.startswith("imagenet_s") else ""
-    return f"nothing to convert{note}; {len(pairs)} image/label pairs (SPEC {expected:,})", problems
+    return f"nothing to convert{note}; {len(pairs)} image/label pairs (official {expected:,})", problems
 
 
 def source_folder(name, data_root):

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import clip_model
+import ddp
 import evaluate
 import tagalign
 from conftest import ROOT, TINY
@@ -419,7 +420,7 @@ def _eval_worker(rank, world, init_file, root, to_prompt, swapped, out):
                                             embed_expression, args_for(root / "refer" / "data"), rank, world)
     if rank == 0:
         torch.save((r, refer), out)
-    tagalign.end_distributed()  # a plain destroy_process_group here aborted 6 runs in 30 at exit (SIGABRT)
+    ddp.end_distributed()  # a plain destroy_process_group here aborted 6 runs in 30 at exit (SIGABRT)
 
 
 def test_one_process_and_two_gloo_processes_agree(tmp_path):
@@ -581,14 +582,14 @@ def test_refcoco_fixture_end_to_end(tmp_path):
 
 def test_refcoco_text_query_is_the_expression_itself(tmp_path, monkeypatch, capsys, tiny_state_dict):
     """The text encoder receives each RefCOCO expression verbatim (no 'a photo of a {}.'), through main(), which
-    sets up distribution with tagalign.init_distributed."""
+    sets up distribution with ddp.init_distributed."""
     root = build_refer_fixture(tmp_path)
     torch.save(tiny_state_dict, tmp_path / "clip.pt")
     prompts, inits = [], []
-    tokenize, init_distributed = clip_model.tokenize, tagalign.init_distributed
+    tokenize, init_distributed = clip_model.tokenize, ddp.init_distributed
     recording = lambda texts, *a, **k: prompts.extend(texts) or tokenize(texts, *a, **k)
     monkeypatch.setattr(clip_model, "tokenize", recording)
-    monkeypatch.setattr(tagalign, "init_distributed", lambda minutes: inits.append(1) or init_distributed(minutes))
+    monkeypatch.setattr(ddp, "init_distributed", lambda minutes: inits.append(1) or init_distributed(minutes))
     results = evaluate.main(["--dataset", "refcoco", "--data-root", str(root), "--clip", str(tmp_path / "clip.pt"),
                              "--short-side", "64", "--window", "64", "--out", str(tmp_path / "out"), "--no-progress"])
     assert prompts == ["Yellow square", "the yellow one", "MAGENTA box"]  # val's two, then testA's one
@@ -639,38 +640,57 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     assert run.stderr.count("\n") == 1, run.stderr
 
 
-def test_saved_prediction_panel_shows_photo_truth_prediction_and_legend(tmp_path):
+def test_saved_prediction_panel_shows_photo_truth_prediction_and_legend(tmp_path, monkeypatch):
     """--save-predictions: one panel per image with the photo, the truth and the prediction in the legend's
     colours (ignored pixels white), on the perfect predictor, so truth and prediction tiles are identical."""
+    import numpy as np
     from PIL import Image
     import figures
+    drawn = {}  # the matplotlib figures by the PNG they were saved to: tiles and legend are read back
+    def recording(real=figures.figure, **kw):
+        fig = real(**kw)
+        save = fig.savefig
+        fig.savefig = lambda path, **k: drawn.update({os.path.basename(path): fig}) or save(path, **k)
+        return fig
+    monkeypatch.setattr(figures, "figure", recording)
     to_prompt = build_fixture(tmp_path, "voc")
     args = args_for(tmp_path, save_predictions=2)
     evaluate.evaluate_dataset("voc", calibrated("voc", to_prompt), embed_identity, args, save_dir=str(tmp_path / "pred"))
     panels = sorted(os.listdir(tmp_path / "pred" / "voc"))
-    assert len(panels) == 2
+    assert len(panels) == 2 and sorted(drawn) == panels
     stem = panels[0][:-4]
     label = evaluate.pil_to_long(Image.open(tmp_path / f"VOCdevkit/VOC2012/SegmentationClass/{stem}.png"))
-    panel = Image.open(tmp_path / "pred" / "voc" / panels[0]).convert("RGB")
     colours = figures.label_colours(21, background=True)
     present = {tuple(colours[c].tolist()) for c in label[label != 255].unique().tolist()}
-    seen = {c for _, c in panel.getcolors(1 << 20)}
-    assert present <= seen  # every class of the image is drawn in its legend colour
-    w, h = figures.fit(figures.upscale(Image.new("RGB", label.shape[::-1]), 256), 512).size
-    top = 15 + 4 + 4  # the panel's one-line title
-    truth = panel.crop((w + 8, top, 2 * w + 8, top + h))
-    prediction = panel.crop((2 * (w + 8), top, 3 * w + 16, top + h))
-    t, p = (torch.frombuffer(bytearray(i.tobytes()), dtype=torch.uint8).view(-1, 3) for i in (truth, prediction))
-    scored = (t != 255).any(1)  # white: ignored in the truth (the prediction is drawn there too)
-    assert scored.float().mean() > 0.5 and torch.equal(t[scored], p[scored])  # the perfect predictor
-    assert {c for _, c in truth.getcolors(1 << 20)} == present | ({figures.WHITE} if (label == 255).any() else set())
-    # two methods: one panel per image with one more tile (of the same size), the second method's prediction
+    white = {figures.WHITE} if (label == 255).any() else set()
+    fig = drawn[panels[0]]
+    assert fig.get_suptitle() == f"voc: {stem}"
+    titles = ["photo", "ground truth", "prediction (pixel accuracy 100%)"]
+    assert [ax.get_title() for ax in fig.axes] == titles
+    legend = fig.legends[0]
+    swatches = {tuple(round(255 * v) for v in h.get_facecolor()[:3]) for h in legend.legend_handles}
+    assert swatches == present | white and len(legend.get_texts()) == len(present | white)
+    truth, prediction = (torch.from_numpy(np.asarray(ax.images[0].get_array())).view(-1, 3)
+                         for ax in fig.axes[1:])
+    scored = (truth != 255).any(1)  # white: ignored in the truth (the prediction is drawn there too)
+    assert scored.float().mean() > 0.5
+    assert torch.equal(truth[scored], prediction[scored])  # the perfect predictor
+    # the PNG: the truth tile, cut out where matplotlib drew it, holds exactly the legend's colours
+    panel = Image.open(tmp_path / "pred" / "voc" / panels[0]).convert("RGB")
+    x0, y0, x1, y1 = fig.axes[1].images[0].get_window_extent().extents
+    H = panel.height  # matplotlib counts pixels from the bottom; 2 pixels in from the tile's edges
+    tile = panel.crop((round(x0) + 2, H - round(y1) + 2, round(x1) - 2, H - round(y0) - 2))
+    assert tile.width > 100 and {c for _, c in tile.getcolors(1 << 20)} == present | white
+    # two methods: one panel per image with one more tile, the second method's prediction
+    drawn.clear()
     two = {"perfect": calibrated("voc", to_prompt), "swapped": calibrated("voc", {**to_prompt, 1: to_prompt[2]})}
     evaluate.evaluate_methods("voc", two, embed_identity, args, save_dir=str(tmp_path / "two"))
     assert sorted(os.listdir(tmp_path / "two" / "voc")) == panels
-    both = Image.open(tmp_path / "two" / "voc" / panels[0]).convert("RGB")
-    assert both.size == (panel.width + w + 8, panel.height)
-    assert both.crop((2 * (w + 8), top, 3 * w + 16, top + h)).tobytes() == prediction.tobytes()
+    both = drawn[panels[0]]
+    titles = ["photo", "ground truth", "perfect", "swapped"]
+    assert [ax.get_title().split(" (")[0] for ax in both.axes] == titles
+    assert np.array_equal(both.axes[2].images[0].get_array(), fig.axes[2].images[0].get_array())
+    assert Image.open(tmp_path / "two" / "voc" / panels[0]).width > panel.width
 
 
 # ---------------------------------------------------------------------------------------------- methods x datasets
@@ -829,7 +849,7 @@ def test_settings_are_printed_and_the_command_reproduces_the_table(compared):
 def test_a_failed_run_ends_the_process_group_without_the_final_barrier(compared, monkeypatch):
     """A rank that fails (e.g. on a bad label file) must not wait in a barrier the others never reach."""
     ended = []
-    monkeypatch.setattr(tagalign, "end_distributed", lambda finished=True: ended.append(finished))
+    monkeypatch.setattr(ddp, "end_distributed", lambda finished=True: ended.append(finished))
     monkeypatch.setattr(evaluate, "run", lambda *a: (_ for _ in ()).throw(ValueError("a bad label")))
     root = compared.root
     with pytest.raises(ValueError, match="a bad label"):
@@ -846,7 +866,7 @@ def test_the_collective_timeout_reaches_init_distributed(compared, monkeypatch):
     def fake_init(timeout_minutes=None):
         seen.append(timeout_minutes)
         raise RuntimeError("stop here")
-    monkeypatch.setattr(tagalign, "init_distributed", fake_init)
+    monkeypatch.setattr(ddp, "init_distributed", fake_init)
     root = compared.root
     argv = ["--clip", str(root / "clip.pt"), "--dataset", "folder", "--data-root", str(root), "--window", "64"]
     for extra, minutes in (([], 60), (["--dist-timeout", "90"], 90)):
@@ -886,8 +906,8 @@ def test_check_passes_on_complete_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "cityscapes", 3)
     code, out = run_check(tmp_path, "voc,cityscapes", capsys)
     assert code == 0, out
-    assert out.splitlines() == ["voc            OK     3 pairs (SPEC 3); labels 0..20, ignore 255",
-                                "cityscapes     OK     3 pairs (SPEC 3); labels 0..18, ignore 255"]
+    assert out.splitlines() == ["voc            OK     3 pairs (official 3); labels 0..20, ignore 255",
+                                "cityscapes     OK     3 pairs (official 3); labels 0..18, ignore 255"]
 
 
 def test_check_catches_wrong_count_bad_value_and_missing_label(tmp_path, capsys, monkeypatch):
@@ -905,11 +925,11 @@ def test_check_catches_wrong_count_bad_value_and_missing_label(tmp_path, capsys,
     code, out = run_check(tmp_path, "voc,cityscapes,imagenet_s50,ade", capsys)
     assert code == 1
     lines = out.splitlines()
-    assert lines[0].startswith("voc            FAIL   2 pairs (SPEC 1,449)")  # the real count, and one label gone
-    assert lines[1].startswith("cityscapes     FAIL   3 pairs (SPEC 3)")
-    assert lines[2].startswith("imagenet_s50   FAIL   2 pairs (SPEC 2)")
+    assert lines[0].startswith("voc            FAIL   2 pairs (official 1,449)")  # the real count, and one label gone
+    assert lines[1].startswith("cityscapes     FAIL   3 pairs (official 3)")
+    assert lines[2].startswith("imagenet_s50   FAIL   2 pairs (official 2)")
     assert lines[3] == "ade            FAIL   not found"
-    assert "  voc: 2 image/label pairs, SPEC expects 1,449" in lines
+    assert "  voc: 2 image/label pairs, the official split has 1,449" in lines
     assert "  voc: image without label: 2007_000001" in lines
     assert f"  cityscapes: {city}: values [19] outside 0..18" in lines
     assert f"  imagenet_s50: {ins}: values [51] outside 0..50" in lines
@@ -928,8 +948,8 @@ def test_check_catches_size_mismatch_label_without_image_and_unreadable_image(tm
     code, out = run_check(tmp_path, "ade", capsys)
     assert code == 1
     lines = out.splitlines()
-    assert lines[0].startswith("ade            FAIL   2 pairs (SPEC 1)")
-    assert "  ade: 2 image/label pairs, SPEC expects 1" in lines
+    assert lines[0].startswith("ade            FAIL   2 pairs (official 1)")
+    assert "  ade: 2 image/label pairs, the official split has 1" in lines
     assert "  ade: label without image: 000000000001" in lines
     assert f"  ade: {small}: 12x10, its image is 448x448" in lines
     bad = [line for line in lines if "000000000002" in line]
@@ -941,7 +961,7 @@ def test_check_applies_reduce_zero_label(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(evaluate.EXPECTED_COUNTS, "ade", 3)
     code, out = run_check(tmp_path, "ade", capsys)
     assert code == 0, out  # raw 0 is ignored (255) and 150 is class 149: nothing outside 0..149
-    assert out.splitlines() == ["ade            OK     3 pairs (SPEC 3); labels 0..149, ignore 255"]
+    assert out.splitlines() == ["ade            OK     3 pairs (official 3); labels 0..149, ignore 255"]
     label = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "validation" / "000000000001.png"
     save_label(str(label), torch.full((448, 448), 151), "L")  # raw 151 -> 150, one past ADE's 150 classes
     code, out = run_check(tmp_path, "ade", capsys)
@@ -958,11 +978,11 @@ def test_check_reads_files_shared_by_two_datasets_once(tmp_path, capsys, monkeyp
     monkeypatch.setattr(evaluate, "load_label", lambda path, *a: (opened.append(path), real(path, *a))[1])
     code, out = run_check(tmp_path, "voc,voc20", capsys)
     assert code == 0, out
-    assert out.splitlines() == ["voc            OK     3 pairs (SPEC 3); labels 0..20, ignore 255",
+    assert out.splitlines() == ["voc            OK     3 pairs (official 3); labels 0..20, ignore 255",
                                 "voc20          OK     same files as voc (checked above); labels 0..19, ignore 255"]
     assert len(opened) == 3
     code, out = run_check(tmp_path, "voc20", capsys)  # alone, it is checked itself
-    assert code == 0 and out.startswith("voc20          OK     3 pairs (SPEC 3); labels 0..19, ignore 255"), out
+    assert code == 0 and out.startswith("voc20          OK     3 pairs (official 3); labels 0..19, ignore 255"), out
 
 
 def test_window_and_strides_follow_a_patch_14_backbone(compared, tmp_path):

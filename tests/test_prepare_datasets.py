@@ -402,7 +402,7 @@ def test_layout_without_conversion_is_counted(tmp_path, capsys):
     build_fixture(tmp_path, "ade", n_images=2)
     with pytest.raises(SystemExit):  # 2 pairs where SPEC expects 2,000
         run(tmp_path, "--datasets", "ade")
-    assert "nothing to convert; 2 image/label pairs (SPEC 2,000)" in capsys.readouterr().out
+    assert "nothing to convert; 2 image/label pairs (official 2,000)" in capsys.readouterr().out
 
 
 def test_paths_agree_with_evaluate():

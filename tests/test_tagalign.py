@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import clip_model
+import ddp
 import tagalign
 from conftest import ROOT, TINY, random_state_dict
 
@@ -202,7 +203,7 @@ def _ddp_worker(rank, world, init_file, out_file, sd):
     dist.all_reduce(values)
     if rank == 0:
         torch.save({"values": values / world, "grads": grads}, out_file)
-    tagalign.end_distributed()  # see test_the_end_of_a_run_waits_...
+    ddp.end_distributed()  # see test_the_end_of_a_run_waits_...
 
 
 def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, tiny_state_dict):
@@ -582,21 +583,30 @@ def test_query_shares_hand_computed():
 
 
 def test_heatmap_figure_draws_each_query_on_the_fixed_scale():
-    """A 2-query map where query 0's share is 1 on the left half and 0 on the right: its tile is red (the top of
-    the colour ramp) on the left and blue on the right; query 1's the reverse."""
+    """A 2-query map where query 0's share is 1 on the left half and 0 on the right: its panel shows the top of
+    the colour map on the left and the bottom on the right, 0.7 over the grey photo; query 1's the reverse."""
+    import matplotlib
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
     photo = Image.new("RGB", (256, 256), (128, 128, 128))
     maps = torch.zeros(2, 256, 256)
     maps[0, :, :128] = 1
     maps[1] = 1 - maps[0]
     labels = (maps[1] > 0.5).long()
-    fig = tagalign.heatmap_figure(photo, ["left", "right"], labels, maps).convert("RGB")
-    tile_x = 2 * (256 + 8)  # photo, overlay, then the heatmaps in reading order
-    left, right = fig.getpixel((tile_x + 40, 100)), fig.getpixel((tile_x + 216, 100))
-    # the ramp's ends, 0.7 over the grey photo: share 1 -> (127, 38, 38), share 0 -> (38, 38, 127)
-    assert left == (127, 38, 38) and right == (38, 38, 127), (left, right)
-    left, right = fig.getpixel((tile_x + 264 + 40, 100)), fig.getpixel((tile_x + 264 + 216, 100))
-    assert left == (38, 38, 127) and right == (127, 38, 38), (left, right)
+    fig = tagalign.heatmap_figure(photo, ["left", "right"], labels, maps)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3].astype(float)
+    ramp = matplotlib.colormaps["coolwarm"]
+    top, bottom = (0.7 * np.array(ramp(v)[:3]) * 255 + 0.3 * 128 for v in (1.0, 0.0))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:4] == ["photo", "labels (argmax)", "left (50% of pixels)", "right (50% of pixels)"]
+    for ax, (first, second) in zip(fig.axes[2:4], ((top, bottom), (bottom, top))):
+        box = ax.get_window_extent()  # display pixels, origin at the bottom left
+        y = pixels.shape[0] - int(box.y0 + box.height / 2)
+        left, right = pixels[y, int(box.x0 + box.width / 4)], pixels[y, int(box.x0 + 3 * box.width / 4)]
+        assert np.abs(left - first).max() <= 2 and np.abs(right - second).max() <= 2, (left, right)
 
 
 def _fetch_worker(rank, world, init_file, log_dir):
@@ -614,7 +624,7 @@ def _fetch_worker(rank, world, init_file, log_dir):
     with open(log, "a") as f:
         f.write(f"loaded by {rank}\n")
     tagalign.fetch_clip_once("/a/local/file.pt")  # a path: nothing to fetch
-    tagalign.end_distributed()
+    ddp.end_distributed()
 
 
 def test_clip_is_fetched_once_per_node_before_any_rank_loads_it(tmp_path):
@@ -632,8 +642,8 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert tagalign.init_distributed(90) == (1, 2, torch.device("cpu"))
-    tagalign.init_distributed()
+    assert ddp.init_distributed(90) == (1, 2, torch.device("cpu"))
+    ddp.init_distributed()
     assert seen == [("gloo", {"timeout": datetime.timedelta(minutes=90)}), ("gloo", {"timeout": None})]
     # with GPUs (faked): NCCL, bound to GPU LOCAL_RANK, which is also the current device before NCCL starts
     current = []
@@ -641,7 +651,7 @@ def test_the_collective_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert tagalign.init_distributed(60) == (1, 2, torch.device("cuda", 3))
+    assert ddp.init_distributed(60) == (1, 2, torch.device("cuda", 3))
     assert seen[-1] == ("nccl", {"timeout": datetime.timedelta(minutes=60), "device_id": torch.device("cuda", 3)})
     assert current == [torch.device("cuda", 3)]
 
@@ -652,14 +662,14 @@ def _end_worker(rank, world, init_file, log_dir):
     import weakref
     gc.disable()  # only end_distributed's collection may free the cycle below
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
-    ddp(torch.randn(2, 3)).sum().backward()
-    alive = weakref.ref(ddp)
-    del ddp  # DDP sits in reference cycles, holding the process group: only the cycle collector frees it
+    wrapped = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
+    wrapped(torch.randn(2, 3)).sum().backward()
+    alive = weakref.ref(wrapped)
+    del wrapped  # DDP sits in reference cycles, holding the process group: only the cycle collector frees it
     if rank == 0:
         time.sleep(1.0)  # rank 1 reaches the end first and must wait
     arrived = time.time()
-    tagalign.end_distributed()
+    ddp.end_distributed()
     with open(os.path.join(log_dir, f"{rank}.txt"), "w") as f:
         f.write(f"{arrived} {time.time()} {alive() is None} {dist.is_initialized()}")
 
@@ -732,3 +742,50 @@ def test_the_model_file_imports_without_the_figure_helpers(tmp_path):
             "print(tuple(labels.shape))")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "(40, 50)", run.stderr[-2000:]
+
+
+COPIED_OUT = r'''
+import sys
+import torch
+import torch.nn.functional as F
+import clip_model
+import tagalign
+assert clip_model.__file__.startswith(sys.argv[1]) and tagalign.__file__.startswith(sys.argv[1])
+torch.manual_seed(0)
+cfg = clip_model.CLIPConfig(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                            transformer_width=32, transformer_heads=2, transformer_layers=1)
+model = tagalign.TagAlign(clip_model.CLIP(cfg), tagalign.TagAlignConfig(surgery_layers=1))
+tags = ["cat", "dog", "red"]
+with torch.no_grad():
+    tag_emb = F.normalize(model.encode_text(clip_model.tokenize(tags)), dim=-1)  # the BPE vocabulary
+    caption_emb = F.normalize(model.encode_text(clip_model.tokenize(["a cat", "a red dog"])), dim=-1)
+_, z = model(torch.rand(2, 3, 32, 32))
+labels = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+total, terms = tagalign.tagalign_loss(model, F.normalize(z, dim=-1), caption_emb, labels, tag_emb,
+                                      obj_freq=torch.tensor([0.5, 0.3, 0.2]))
+total.backward()
+assert torch.isfinite(total) and set(terms) == {"obj", "itc"}
+labels, scores = tagalign.segment(tagalign.feature_fn(model), torch.rand(3, 40, 56), tag_emb, window=32,
+                                  stride=16, short_side=32)
+assert labels.shape == (40, 56) and torch.isfinite(scores).all()
+from PIL import Image
+tagalign.heatmap_figure(Image.new("RGB", (56, 40)), tags, labels, tagalign.query_shares(scores)).savefig("f.png")
+print("ok", sorted(m for m in sys.modules if m in ("figures", "ddp", "train", "labels", "evaluate")))
+'''
+
+
+def test_the_core_copies_out_alone(tmp_path):
+    """clip_model.py and tagalign.py (and the BPE vocabulary) copied into an empty folder: a model is built,
+    the losses computed and backpropagated, an image segmented and its heatmap figure drawn there, with no
+    other project file."""
+    import shutil
+    for name in ("clip_model.py", "tagalign.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    (tmp_path / "data").mkdir()
+    shutil.copy(os.path.join(ROOT, "data", "bpe_simple_vocab_16e6.txt.gz"), tmp_path / "data")
+    (tmp_path / "check.py").write_text(COPIED_OUT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "check.py", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "ok []" and (tmp_path / "f.png").stat().st_size > 0, run.stdout
