@@ -27,7 +27,8 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from parse_tags import bad_file_reporter, default_threads, input_files
+from labels import input_files
+from parse_tags import bad_file_reporter, default_threads
 
 
 # First-row words that mark a header in a one-column tag list (with several columns, a non-number above a column

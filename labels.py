@@ -1,5 +1,6 @@
 """
-The labels format that parse_tags.py (LLM parsing, or the authors' released tags) writes and train.py reads:
+What the parser (parse_tags.py, import_tags.py) and train.py share: the input file lists (globs and {a..b}
+braces) and the labels format. The labels format that parse_tags.py (LLM parsing, or the authors' released tags) writes and train.py reads:
 vocab.json (the tag names with their frequencies) and labels.pt, every sample's object and attribute indices in
 CSR form (offsets and indices per kind, rows in key order) with the sorted keys. A few bytes a tag: the table for
 12 M samples loads in seconds.
@@ -7,10 +8,41 @@ CSR form (offsets and indices per kind, rows in key order) with the sorted keys.
     from labels import LabelTable
     table = LabelTable("tags/labels.pt"); objects, attributes = table.get("000001234")
 """
+import glob
 import json
 import os
+import re
 
-import torch
+
+
+def expand_braces(pattern):
+    """'a/{00000..00002}.tar' -> a/00000.tar a/00001.tar a/00002.tar; '{x,y}' alternatives; nested left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [p for opt in options for p in expand_braces(head + opt + tail)]
+
+
+def input_files(patterns):
+    """Brace patterns, globs and plain paths (several separated by spaces) -> sorted unique existing files."""
+    files = []
+    for pattern in patterns:
+        for p in expand_braces(pattern):
+            matched = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
+            files += matched
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} input file(s) not found, e.g. {missing[:3]}")
+    if not files:
+        raise FileNotFoundError(f"no input files match {patterns}")
+    return list(dict.fromkeys(files))
 
 
 def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
@@ -28,6 +60,7 @@ def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
     for kind in ("objects", "attributes"):
         table[kind + "_offsets"] = offsets[kind]
         table[kind + "_indices"] = indices[kind]
+    import torch  # here and in LabelTable: parsing imports this file and does not need torch's ~400 MB
     path = os.path.join(out_dir, "labels.pt")
     torch.save(table, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -36,6 +69,7 @@ def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
 
 def to_tensor(arr, dtype):
     """array.array -> a tensor that owns a copy (torch.frombuffer would share the array's memory)."""
+    import torch
     return torch.frombuffer(arr, dtype=dtype).clone() if len(arr) else torch.zeros(0, dtype=dtype)
 
 
@@ -45,6 +79,7 @@ class LabelTable:
     def __init__(self, path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"label file not found: {path}; build it with `parse_tags.py vocab --out DIR`")
+        import torch
         t = torch.load(path, map_location="cpu", weights_only=True)
         self.tags = t["tags"]
         self.offsets = {k: t[k + "_offsets"] for k in ("objects", "attributes")}
@@ -59,6 +94,7 @@ class LabelTable:
         if self.numeric:
             if not key.isdigit():
                 return None
+            import torch
             q = torch.tensor([int(key)])
             i = int(torch.searchsorted(self.keys, q))
             return i if i < len(self.keys) and self.keys[i] == q[0] else None

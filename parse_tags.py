@@ -57,6 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
+from labels import input_files
 from tag_rules import (DEFAULT_GROUNDING, GROUNDING, MAX_CAPTION_CHARS, has_letters, normalize_tags,
                        parse_answer, prepare_caption, rules_version, singularize)
 
@@ -631,36 +632,6 @@ def tag_caption(backend, caption, grounding=DEFAULT_GROUNDING):
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs
-
-def expand_braces(pattern):
-    """'a/{00000..00002}.tar' -> a/00000.tar a/00001.tar a/00002.tar; '{x,y}' alternatives; nested left to right."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.groups()
-        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    return [p for opt in options for p in expand_braces(head + opt + tail)]
-
-
-def input_files(patterns):
-    """Brace patterns, globs and plain paths (several separated by spaces) -> sorted unique existing files."""
-    files = []
-    for pattern in patterns:
-        for p in expand_braces(pattern):
-            matched = sorted(glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
-            files += matched
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} input file(s) not found, e.g. {missing[:3]}")
-    if not files:
-        raise FileNotFoundError(f"no input files match {patterns}")
-    return list(dict.fromkeys(files))
-
 
 def read_samples(path, key_column=None, caption_column="caption", has_header=True, quoted_tsv=False):
     """Yield (key, caption) from one file: a webdataset .tar ({key}.txt members), .jsonl, or .csv/.tsv.

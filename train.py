@@ -40,6 +40,7 @@ import random
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -47,9 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import clip_model
 import ddp
-import parse_tags
 import tagalign
-from labels import LabelTable
+from labels import LabelTable, input_files
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -605,17 +605,17 @@ RESOLVED_FIELDS = ("surgery_layers", "image_size", "clip_quick_gelu")
 
 
 def resolved_of(ckpt):
-    """The resolved backbone settings a checkpoint was trained with (older checkpoints lack the image size)."""
-    saved = {"surgery_layers": ckpt["config"]["surgery_layers"], "clip_quick_gelu": tagalign.recorded_activation(ckpt)}
-    return {**saved, **({"image_size": ckpt["data"]["image_size"]} if "image_size" in ckpt["data"] else {})}
+    """The resolved backbone settings a checkpoint was trained with."""
+    return {"surgery_layers": ckpt["config"]["surgery_layers"], "image_size": ckpt["data"]["image_size"],
+            "clip_quick_gelu": tagalign.recorded_activation(ckpt)}
 
 
 def check_resume(saved, current, path, fields=RESUME_FIELDS):
     """Refuse to resume when anything that decides the data order or the labels differs, naming the field."""
     for field in fields:
         if field not in saved:
-            print0(f"warning: {path} does not record '{field}' (an older train.py); it cannot be checked")
-        elif saved[field] != current[field]:
+            raise ValueError(f"--resume: {path} records no '{field}': it is not a checkpoint of this train.py")
+        if saved[field] != current[field]:
             old, new = saved[field], current[field]
             if field == "files":
                 diff = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
@@ -650,290 +650,368 @@ def main(argv=None):
 
 
 def train(args, rank, world, device):
-    master = rank == 0
-    global_batch = args.global_batch_size or args.batch_size * world
-    if global_batch % (args.batch_size * world):
-        raise ValueError(f"--global-batch-size {global_batch} must be a multiple of batch-size x processes "
-                         f"({args.batch_size} x {world})")
-    accum = global_batch // (args.batch_size * world)
-    lr = scaled_lr(args.lr, global_batch)
-    if args.precision != "auto":
-        precision = args.precision
-    elif device.type == "cuda":  # bf16 where the GPU has it (Ampere and later), else fp16 with a GradScaler
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "fp32"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-
-    # ---- everything that can be wrong with the inputs is checked before CLIP is loaded (or downloaded)
-    vocab, labels = load_label_data(args.labels)
-    if not (args.data or args.data_csv):
-        raise ValueError("no training data: pass --data SHARDS or --data-csv FILE")
-    if args.sync_debug and (device.type != "cuda" or world > 1 or precision == "fp16"):
-        raise ValueError("--sync-debug checks one CUDA process in bf16 or fp32 (fp16's GradScaler and DDP's "
-                         "first bucket rebuild read the GPU by design)")
-    if args.data_csv:
-        check_csv(args.data_csv, args.image_root)
-    files = [os.path.abspath(f) for f in ([args.data_csv] if args.data_csv else parse_tags.input_files(args.data))]
-    # the temperatures of switched-off terms are frozen (below): resuming must keep the same set
-    trained_terms = [k for k, w in (("obj", args.object_weight), ("attr", args.attribute_weight),
-                                    ("itc", args.itc_weight)) if w]
-    run = {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": global_batch,
-           "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
-           "labels": labels_fingerprint(args.labels), "clip": clip_identity(args.clip),
-           "precision": precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
-           "trained_terms": trained_terms, "loss_weights": [args.object_weight, args.attribute_weight, args.itc_weight],
-           "augmentation": [False] if args.no_augment else [True, args.min_crop_scale, args.auto_augment],
-           "grad_clip": args.grad_clip, "decay_scalars": not args.no_decay_scalars,
-           "keep_unlisted": args.keep_unlisted,
-           "image_root": os.path.abspath(args.image_root) if args.data_csv else None}
-    ckpt = None
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if not all(isinstance(s, dict) for s in ckpt["data"]["start"].values()):
-            raise ValueError(f"--resume: {ckpt_path} records its data positions as record counts, the format of an "
-                             "earlier train.py, which this one cannot continue exactly; start a new --out")
-        check_resume(ckpt["data"], run, ckpt_path)
-    elif os.path.isfile(ckpt_path) and not args.overwrite:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or --overwrite to start "
-                              "afresh and replace it, or choose another --out")
-    os.makedirs(args.out, exist_ok=True)
-
-    torch.manual_seed(args.seed)
-    clip_name = clip_source(args.clip)  # recorded in the checkpoint
-    tagalign.fetch_clip_once(clip_name)  # one download per node, not one per rank
-    clip = clip_model.load(clip_name, device=device, quick_gelu=clip_model.ACTIVATIONS[args.clip_act])
-    # what follows the backbone: crop size (its input size), surgery blocks (its last half), projector width
-    image_size = args.image_size or clip.cfg.image_resolution
-    if image_size % clip.visual.patch_size:
-        raise ValueError(f"--image-size {image_size} is not a multiple of the CLIP's patch size {clip.visual.patch_size}")
-    raw_model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=args.surgery_layers)).to(device)
-    print0(f"CLIP {clip_name}: {clip_model.describe(clip)}; surgery on the last {raw_model.cfg.surgery_layers} "
-           f"blocks, crops of {image_size} px")
-    resolved = {"surgery_layers": raw_model.cfg.surgery_layers, "image_size": image_size,
-                "clip_quick_gelu": clip.cfg.quick_gelu}
-    if ckpt is not None:
-        saved = resolved_of(ckpt)
-        check_resume(saved, resolved, ckpt_path, fields=[f for f in RESOLVED_FIELDS if f in saved])
-    run.update(image_size=image_size)  # recorded with the data state (surgery and activation are in the checkpoint)
-    tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
-    emb = {k: tagalign.tag_embeddings(clip, tags[k], os.path.join(args.out, f"tag_embeddings_{k}.pt") if master else None).to(device)
-           for k in ("objects", "attributes") if tags[k]}
-    freq = {k: torch.tensor([e["freq"] for e in vocab[k]], device=device) for k in ("objects", "attributes")}
-    # A switched-off term leaves its temperature without a gradient, which DDP refuses (it waits for every
-    # trainable parameter's gradient): freeze what the enabled terms do not use (paper Table 3's ablations).
-    if not (args.object_weight or (args.attribute_weight and tags["attributes"])):
-        raw_model.logit_scale_tag.requires_grad_(False)
-    if not args.itc_weight:
-        raw_model.logit_scale_itc.requires_grad_(False)
-
-    groups = param_groups(raw_model, args.weight_decay, not args.no_decay_scalars)
-    trainable = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    step, start, role_offset, skipped_total = 0, {}, 0, dict.fromkeys(SKIPS, 0)
-    if ckpt is not None:
-        raw_model.load_trainable_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        saved_lr, saved_wd = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"]
-        for group, wd in zip(optimizer.param_groups, (args.weight_decay, 0.0)):  # today's flags win over the saved
-            group["lr"], group["weight_decay"] = lr, wd
-        scaler.load_state_dict(ckpt["scaler"])
-        step, start, role_offset = ckpt["step"], ckpt["data"]["start"], ckpt["data"]["role_offset"]
-        skipped_total.update(ckpt["data"]["skipped"])
-        random.setstate(ckpt["rng"]["python"])
-        torch.random.set_rng_state(ckpt["rng"]["torch"])
-        print0(f"resumed from {ckpt_path} at step {step}")
-        if saved_lr != lr:
-            print0(f"lr changed on resume: {saved_lr:g} -> {lr:g} (--lr {args.lr:g} x global batch {global_batch} / 4096)")
-        if saved_wd != args.weight_decay:
-            print0(f"weight decay changed on resume: {saved_wd:g} -> {args.weight_decay:g}")
-
-    model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else raw_model
-    if args.compile:
-        model = torch.compile(model)
-
-    transform = train_transform(image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
-    dataset = CaptionImages(files, labels, transform, rank, world, args.workers, args.shuffle_buffer, args.seed,
-                            args.image_root, start, role_offset, csv_input=bool(args.data_csv),
-                            keep_unlisted=args.keep_unlisted)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0)
-    batches = iter(loader)
-    positions = StreamPositions(start, rank, dataset.workers)
-    erase_noise = torch.Generator(device)  # reseeded per erased sample (normalise_and_erase)
-    micro_batches = step * accum  # batches this rank has taken from loaders since the run began (sets role_offset)
-
-    log = open(os.path.join(args.out, "log.txt"), "a", encoding="utf-8") if master else None
-    if master:
-        head = {"args": vars(args), "world": world, "global_batch": global_batch, "accumulation": accum, "lr": lr,
-                "precision": precision, "torch": torch.__version__, "python": platform.python_version(),
-                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"}
-        log.write(f"# start {time.strftime('%Y-%m-%d %H:%M:%S')} {json.dumps(head)}\n")
-        log.flush()
-        print0(f"world {world}, global batch {global_batch} ({args.batch_size} x {world} x {accum} accumulation), "
-               f"lr {lr:g}, {precision}, {len(tags['objects'])} object and {len(tags['attributes'])} attribute tags")
-
-    def save():
-        gathered = [None] * world
-        state = {"roles": positions.roles, "skipped": positions.skipped}
-        if world > 1:
-            dist.all_gather_object(gathered, state)
-        else:
-            gathered = [state]
-        if not master:
-            return
-        all_roles = {r: s for g in gathered for r, s in g["roles"].items()}  # disjoint: each rank's roles
-        total_skipped = {k: skipped_total[k] + sum(s[k] for g in gathered for s in g["skipped"].values())
-                         for k in skipped_total}
-        tagalign.save_checkpoint(
-            ckpt_path, raw_model, clip_name, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-            rng={"python": random.getstate(), "torch": torch.random.get_rng_state()}, args=vars(args),
-            data={**run, "start": all_roles, "role_offset": micro_batches % max(args.workers, 1),
-                  "skipped": total_skipped})
-
-    # Since the last check, on the device: per micro-step "loss finite", per step "gradient norm finite"; on the
-    # host: (step, keys) per micro-step
-    finite, finite_grad, recent_keys = [], [], []
-
-    def check_finite():
-        """Collective: every rank learns whether any rank's loss (or the gradient) was non-finite since the last
-        check, so all stop together (a rank that raised alone would leave the others waiting in the next
-        all-reduce forever). A non-finite loss names its step, its rank(s) and their batch keys."""
-        local = torch.cat([~torch.stack(finite), ~torch.stack(finite_grad)])  # (micro-steps + steps,) bool
-        bad = tagalign.all_reduce_sum(local.float()).nonzero()  # the one host read of the interval
-        if len(bad):
-            i = int(bad[0])
-            loss_bad = i < len(finite)
-            j = i if loss_bad else (i - len(finite) + 1) * accum - 1  # a gradient: the step's last micro-step
-            mine = {"rank": rank, "bad": bool(local[i]) or not loss_bad,
-                    "keys": recent_keys[j][1] if loss_bad else [k for _, ks in recent_keys[j + 1 - accum:j + 1] for k in ks]}
-            everyone = [None] * world
-            if world > 1:
-                dist.all_gather_object(everyone, mine)
-            else:
-                everyone = [mine]
-            ranks = ", ".join(str(e["rank"]) for e in everyone if e["bad"])
-            keys = [k for e in everyone if e["bad"] for k in e["keys"]]
-            what = f"loss at step {recent_keys[j][0]} (rank {ranks}" if loss_bad else \
-                f"gradient at step {recent_keys[j][0]} (the losses were finite"
-            raise FloatingPointError(f"non-finite {what}; all {world} processes stop); batch keys: {keys[:64]}. The "
-                                     "last checkpoint is intact: inspect these samples, or lower --lr / use "
-                                     "--precision bf16 or fp32")
-        finite.clear()
-        finite_grad.clear()
-        recent_keys.clear()
-
+    """One training run (paper Sec. 4). Each step takes `accum` micro-batches (the global batch), runs the
+    frozen CLIP Surgery and the projector, the losses of Eq. 1-6 in fp32, a backward per micro-batch, then one
+    clipped AdamW step. Set-up and resume (start_run), data bookkeeping (account), non-finite checks (Watch),
+    logs (StepLog) and checkpoints (save_run) are below the loop."""
+    r = start_run(args, rank, world, device)  # inputs checked first, then CLIP, model, optimizer, data, resume
+    model, raw_model, optimizer, scaler = r.model, r.raw_model, r.optimizer, r.scaler
+    accum, tags, emb, freq = r.accum, r.tags, r.emb, r.freq
+    watch, log, batches = Watch(rank, world, accum), StepLog(args, r), iter(r.loader)
     raw_model.train()
-    t_log, images_seen = time.time(), 0
-    sums, seen = {}, {"samples": 0, "found": 0, "tagged": 0}  # loss sums stay on the device until a log step
-    first, warned, logged_steps, samples_total = True, False, 0, 0  # samples trained since this (re)start
-    while step < args.steps:
-        step_batches = [next(batches) for _ in range(accum)]  # all of the step: the tag losses average over them
-        for b in step_batches:
-            micro_batches += 1
-            for where in b["where"]:
-                positions.update(where)
-            seen["samples"] += len(b["keys"])
-            seen["found"] += b["n_found"]
-            seen["tagged"] += b["n_tagged"]
-        if first:  # a label file that matches no sample would train on nothing but ITC: stop now, on every rank
-            found = tagalign.all_reduce_sum(torch.tensor([float(sum(b["n_found"] for b in step_batches))]))
-            if found.item() == 0:
-                raise ValueError(
-                    f"none of the {global_batch} samples of the first step has its key in {args.labels}/labels.pt: "
-                    f"data keys look like {step_batches[0]['keys'][0]!r}, labels.pt keys like "
-                    f"{example_label_key(labels)!r}. Parse the same files you train on (tar keys are img2dataset's "
-                    "sample keys; CSV rows are keyed by their 'key' column)")
-            first = False
-        if args.tag_average == "tagged":  # the step's tagged images over all ranks and micro-batches (Eq. 1-2)
-            counts = torch.tensor([float(sum(b["n_obj"] for b in step_batches)),
-                                   float(sum(b["n_attr"] for b in step_batches))])
-            counts = tagalign.all_reduce_sum(pinned(counts, device))
-            tag_counts = (counts[0], counts[1])
-        else:  # the authors' average over every image of the step
-            tag_counts = (global_batch, global_batch)
+    while r.step < args.steps:
+        step_batches = [next(batches) for _ in range(accum)]  # the whole step: the tag losses average over it
+        account(args, r, step_batches, log)  # data positions and counts; the first step must find its labels
+        tag_counts = images_averaged(args, r, step_batches, device)  # the tag losses' denominators (Eq. 1-2)
         if args.sync_debug:  # from here to the optimizer step nothing may wait for the GPU
             torch.cuda.set_sync_debug_mode("error")
         for micro, b in enumerate(step_batches):
-            images = normalise_and_erase(b["images"].to(device, non_blocking=True), b["boxes"], erase_noise)
-            sync = micro == accum - 1 or world == 1
+            images = normalise_and_erase(b["images"].to(device, non_blocking=True), b["boxes"], r.erase_noise)
+            sync = micro == accum - 1 or world == 1  # DDP all-reduces the gradients on the last one only
             with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                with torch.autocast(device.type, dtype=r.amp_dtype, enabled=r.amp_dtype is not None):
                     caption_emb = raw_model.encode_text(b["tokens"].to(device, non_blocking=True)) \
-                        if args.itc_weight else None
-                    _, z = model(images)
+                        if args.itc_weight else None  # (B, D): the frozen text tower (Eq. 5)
+                    _, z = model(images)  # (B, D): the mean of the projected patch tokens (Eq. 1)
                 # the losses in fp32: a 10,000-way softmax at tau ~ 100 needs more than bf16's 8 bits of mantissa
                 obj_labels = multi_hot(*b["obj"], len(images), len(tags["objects"]), device) \
-                    if args.object_weight else None
+                    if args.object_weight else None  # (B, K) 0/1
                 attr_labels = multi_hot(*b["attr"], len(images), len(tags["attributes"]), device) \
                     if args.attribute_weight and tags["attributes"] else None
                 loss, terms = tagalign.tagalign_loss(
-                    raw_model, z.float(), caption_emb, obj_labels, emb["objects"], attr_labels, emb.get("attributes"),
-                    freq["objects"], freq["attributes"], args.attribute_weight, args.itc_weight,
-                    args.object_weight, args.tag_average, tag_counts, accum, args.tag_loss)
-            finite.append(torch.isfinite(loss.detach()))  # read at the next check, not now (no host sync)
-            recent_keys.append((step + 1, b["keys"]))
+                    raw_model, z.float(), caption_emb, obj_labels, emb["objects"], attr_labels=attr_labels,
+                    attr_emb=emb.get("attributes"), obj_freq=freq["objects"], attr_freq=freq["attributes"],
+                    attribute_weight=args.attribute_weight, itc_weight=args.itc_weight,
+                    object_weight=args.object_weight, tag_average=args.tag_average, tag_counts=tag_counts,
+                    accumulation=accum, tag_loss_kind=args.tag_loss)  # Eq. 6
+            watch.loss(loss, r.step + 1, b["keys"])  # read at the next check, not now (no host sync)
             scaler.scale(loss).backward()  # each micro-batch's loss is its share of the step's loss
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            images_seen += images.shape[0] * world
+            log.add(terms, images.shape[0] * world)
         scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
-        # a finite loss can still give non-finite gradients (fp16's GradScaler skips such steps by itself)
-        finite_grad.append(torch.ones_like(norm, dtype=torch.bool) if scaler.is_enabled() else torch.isfinite(norm))
+        norm = torch.nn.utils.clip_grad_norm_(r.trainable, args.grad_clip)
+        watch.gradient(norm, scaler)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if args.sync_debug:
             torch.cuda.set_sync_debug_mode("default")
-        step += 1
-        logged_steps += 1
-
-        log_now = step % args.log_every == 0 or step == args.steps
-        save_now = step % args.save_every == 0 or step == args.steps
+        r.step += 1
+        log_now = r.step % args.log_every == 0 or r.step == args.steps
+        save_now = r.step % args.save_every == 0 or r.step == args.steps
         if log_now or save_now:
-            check_finite()  # before anything is logged or saved
+            watch.check()  # before anything is logged or saved
         if log_now:
-            losses = torch.stack([sums[k] if k in sums else torch.zeros((), device=device) for k in ("obj", "attr", "itc")])
-            counts = torch.tensor([float(seen[k]) for k in seen] + [
-                float(sum(s[k] for s in positions.skipped.values())) for k in skipped_total], dtype=torch.float64)
-            losses, counts = tagalign.all_reduce_sum(losses), tagalign.all_reduce_sum(counts)
-            losses = (losses / world / logged_steps).tolist()  # steps since the last log line (or the resume)
-            shown = [f"{v:.4f}" if k in sums else "off" for k, v in zip(("obj", "attr", "itc"), losses)]
-            samples, found, tagged = counts[:3].tolist()
-            samples_total += samples
-            skipped_now = {k: skipped_total[k] + int(v) for k, v in zip(skipped_total, counts[3:].tolist())}
-            tau_tag, tau_itc = raw_model.temperatures()
-            rate = images_seen / (time.time() - t_log)
-            mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
-            line = (f"step {step}/{args.steps} obj {shown[0]} attr {shown[1]} itc {shown[2]} "
-                    f"tau_tag {tau_tag.item():.2f} tau_itc {tau_itc.item():.2f} lr {optimizer.param_groups[0]['lr']:.3g} "
-                    f"img/s {rate:.1f} gpu_mem {mem:.2f}GiB tagged {100 * tagged / max(samples, 1):.1f}% "
-                    f"found {100 * found / max(samples, 1):.1f}% skipped img {skipped_now['image']} "
-                    f"tar {skipped_now['tar']} member {skipped_now['member']} unlisted {skipped_now['unlisted']}")
-            print0(line)
-            if master:
-                log.write(line + "\n")
-                log.flush()
-            unlisted_since = int(counts[3 + SKIPS.index("unlisted")])  # since this (re)start
-            if (found < 0.5 * samples or unlisted_since > samples_total) and not warned:
-                print0(f"warning: {100 * found / max(samples, 1):.1f}% of the samples trained have their key in "
-                       f"labels.pt, and {unlisted_since} were skipped for having none: do the labels "
-                       "belong to these files? ('found' and 'unlisted' in every log line)")
-                warned = True
-            sums, t_log, images_seen, logged_steps = {}, time.time(), 0, 0
-            seen = dict.fromkeys(seen, 0)
+            log.write(r)
         if save_now:
-            save()
-    if master:
-        log.close()
+            save_run(args, r)
+    log.close()
     return raw_model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the loop relies on: the run's set-up and resume, its data bookkeeping, non-finite checks, logs and
+# checkpoints (safe to skip on a first read)
+
+def start_run(args, rank, world, device):
+    """Everything the loop needs, as a namespace. Whatever can be wrong with the inputs is checked before CLIP
+    is loaded (or downloaded); with --resume, the checkpoint's run record must match this run's."""
+    r = SimpleNamespace(master=rank == 0, step=0)
+    r.global_batch = args.global_batch_size or args.batch_size * world
+    if r.global_batch % (args.batch_size * world):
+        raise ValueError(f"--global-batch-size {r.global_batch} must be a multiple of batch-size x processes "
+                         f"({args.batch_size} x {world})")
+    r.accum = r.global_batch // (args.batch_size * world)
+    r.lr = scaled_lr(args.lr, r.global_batch)
+    if args.precision != "auto":
+        r.precision = args.precision
+    elif device.type == "cuda":  # bf16 where the GPU has it (Ampere and later), else fp16 with a GradScaler
+        r.precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        r.precision = "fp32"
+    r.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[r.precision]
+    r.ckpt_path = os.path.join(args.out, "ckpt.pt")
+
+    vocab, labels = load_label_data(args.labels)
+    if not (args.data or args.data_csv):
+        raise ValueError("no training data: pass --data SHARDS or --data-csv FILE")
+    if args.sync_debug and (device.type != "cuda" or world > 1 or r.precision == "fp16"):
+        raise ValueError("--sync-debug checks one CUDA process in bf16 or fp32 (fp16's GradScaler and DDP's "
+                         "first bucket rebuild read the GPU by design)")
+    if args.data_csv:
+        check_csv(args.data_csv, args.image_root)
+    files = [os.path.abspath(f) for f in ([args.data_csv] if args.data_csv else input_files(args.data))]
+    r.record = run_record(args, r, world, files)
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(r.ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {r.ckpt_path}")
+        ckpt = torch.load(r.ckpt_path, map_location="cpu", weights_only=False)
+        check_resume(ckpt["data"], r.record, r.ckpt_path)
+    elif os.path.isfile(r.ckpt_path) and not args.overwrite:
+        raise FileExistsError(f"{r.ckpt_path} exists: pass --resume to continue that run, or --overwrite to start "
+                              "afresh and replace it, or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    r.clip_name = clip_source(args.clip)  # recorded in the checkpoint
+    tagalign.fetch_clip_once(r.clip_name)  # one download per node, not one per rank
+    clip = clip_model.load(r.clip_name, device=device, quick_gelu=clip_model.ACTIVATIONS[args.clip_act])
+    # what follows the backbone: crop size (its input size), surgery blocks (its last half), projector width
+    image_size = args.image_size or clip.cfg.image_resolution
+    if image_size % clip.visual.patch_size:
+        raise ValueError(f"--image-size {image_size} is not a multiple of the CLIP's patch size "
+                         f"{clip.visual.patch_size}")
+    r.raw_model = tagalign.TagAlign(clip, tagalign.TagAlignConfig(surgery_layers=args.surgery_layers)).to(device)
+    print0(f"CLIP {r.clip_name}: {clip_model.describe(clip)}; surgery on the last "
+           f"{r.raw_model.cfg.surgery_layers} blocks, crops of {image_size} px")
+    if ckpt is not None:
+        resolved = {"surgery_layers": r.raw_model.cfg.surgery_layers, "image_size": image_size,
+                    "clip_quick_gelu": clip.cfg.quick_gelu}
+        check_resume(resolved_of(ckpt), resolved, r.ckpt_path, fields=RESOLVED_FIELDS)
+    r.record.update(image_size=image_size)  # with the data state (surgery and activation are in the config)
+    r.tags = {k: [e["tag"] for e in vocab[k]] for k in ("objects", "attributes")}
+    r.emb = {k: tagalign.tag_embeddings(clip, r.tags[k], os.path.join(args.out, f"tag_embeddings_{k}.pt")
+                                        if r.master else None).to(device)
+             for k in ("objects", "attributes") if r.tags[k]}
+    r.freq = {k: torch.tensor([e["freq"] for e in vocab[k]], device=device) for k in ("objects", "attributes")}
+    # A switched-off term leaves its temperature without a gradient, which DDP refuses (it waits for every
+    # trainable parameter's gradient): freeze what the enabled terms do not use (paper Table 3's ablations).
+    if not (args.object_weight or (args.attribute_weight and r.tags["attributes"])):
+        r.raw_model.logit_scale_tag.requires_grad_(False)
+    if not args.itc_weight:
+        r.raw_model.logit_scale_itc.requires_grad_(False)
+
+    groups = param_groups(r.raw_model, args.weight_decay, not args.no_decay_scalars)
+    r.trainable = [p for g in groups for p in g["params"]]
+    r.optimizer = torch.optim.AdamW(groups, lr=r.lr, betas=(0.9, 0.999), eps=1e-6)
+    r.scaler = torch.amp.GradScaler(device.type, enabled=r.precision == "fp16")
+    start, role_offset, r.skipped_total = {}, 0, dict.fromkeys(SKIPS, 0)
+    if ckpt is not None:
+        start, role_offset = restore(args, r, ckpt)
+
+    r.model = DDP(r.raw_model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else r.raw_model
+    if args.compile:
+        r.model = torch.compile(r.model)
+    transform = train_transform(image_size, not args.no_augment, args.min_crop_scale, args.auto_augment)
+    dataset = CaptionImages(files, labels, transform, rank, world, args.workers, args.shuffle_buffer, args.seed,
+                            args.image_root, start, role_offset, csv_input=bool(args.data_csv),
+                            keep_unlisted=args.keep_unlisted)
+    r.loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                           collate_fn=collate, pin_memory=device.type == "cuda",
+                                           persistent_workers=args.workers > 0)
+    r.positions = StreamPositions(start, rank, dataset.workers)
+    r.erase_noise = torch.Generator(device)  # reseeded per erased sample (normalise_and_erase)
+    r.micro_batches = r.step * r.accum  # batches this rank took from loaders since the run began (role_offset)
+    r.labels, r.world, r.rank, r.device, r.first = labels, world, rank, device, True
+    return r
+
+
+def run_record(args, r, world, files):
+    """What an exact resume needs unchanged (RESUME_FIELDS), saved with the data state."""
+    # the temperatures of switched-off terms are frozen: resuming must keep the same set
+    trained_terms = [k for k, w in (("obj", args.object_weight), ("attr", args.attribute_weight),
+                                    ("itc", args.itc_weight)) if w]
+    return {"world": world, "workers": args.workers, "batch": args.batch_size, "global_batch": r.global_batch,
+            "seed": args.seed, "shuffle_buffer": args.shuffle_buffer, "files": files,
+            "labels": labels_fingerprint(args.labels), "clip": clip_identity(args.clip),
+            "precision": r.precision, "tag_loss": args.tag_loss, "tag_average": args.tag_average,
+            "trained_terms": trained_terms,
+            "loss_weights": [args.object_weight, args.attribute_weight, args.itc_weight],
+            "augmentation": [False] if args.no_augment else [True, args.min_crop_scale, args.auto_augment],
+            "grad_clip": args.grad_clip, "decay_scalars": not args.no_decay_scalars,
+            "keep_unlisted": args.keep_unlisted,
+            "image_root": os.path.abspath(args.image_root) if args.data_csv else None}
+
+
+def restore(args, r, ckpt):
+    """A checkpoint's trainable state, optimizer, scaler, step, RNG and skip counts into the run; --lr and
+    --weight-decay may change on resume (said in the log). Returns (data start positions, role offset)."""
+    r.raw_model.load_trainable_state_dict(ckpt["model"])
+    r.optimizer.load_state_dict(ckpt["optimizer"])
+    saved_lr, saved_wd = r.optimizer.param_groups[0]["lr"], r.optimizer.param_groups[0]["weight_decay"]
+    for group, wd in zip(r.optimizer.param_groups, (args.weight_decay, 0.0)):  # today's flags win
+        group["lr"], group["weight_decay"] = r.lr, wd
+    r.scaler.load_state_dict(ckpt["scaler"])
+    r.step = ckpt["step"]
+    r.skipped_total.update(ckpt["data"]["skipped"])
+    random.setstate(ckpt["rng"]["python"])
+    torch.random.set_rng_state(ckpt["rng"]["torch"])
+    print0(f"resumed from {r.ckpt_path} at step {r.step}")
+    if saved_lr != r.lr:
+        print0(f"lr changed on resume: {saved_lr:g} -> {r.lr:g} (--lr {args.lr:g} x global batch "
+               f"{r.global_batch} / 4096)")
+    if saved_wd != args.weight_decay:
+        print0(f"weight decay changed on resume: {saved_wd:g} -> {args.weight_decay:g}")
+    return ckpt["data"]["start"], ckpt["data"]["role_offset"]
+
+
+def account(args, r, step_batches, log):
+    """The step's data bookkeeping: each data role's stream position (an exact resume starts there), the log's
+    counts, and on the first step a collective check that some sample has its key in labels.pt (a label file
+    that matches no sample would train on nothing but the contrastive loss)."""
+    for b in step_batches:
+        r.micro_batches += 1
+        for where in b["where"]:
+            r.positions.update(where)
+        log.count(b)
+    if r.first:
+        found = tagalign.all_reduce_sum(torch.tensor([float(sum(b["n_found"] for b in step_batches))]))
+        if found.item() == 0:
+            raise ValueError(
+                f"none of the {r.global_batch} samples of the first step has its key in {args.labels}/labels.pt: "
+                f"data keys look like {step_batches[0]['keys'][0]!r}, labels.pt keys like "
+                f"{example_label_key(r.labels)!r}. Parse the same files you train on (tar keys are img2dataset's "
+                "sample keys; CSV rows are keyed by their 'key' column)")
+        r.first = False
+
+
+def images_averaged(args, r, step_batches, device):
+    """The images each tag loss averages over (tag_loss's count) for the whole step: with --tag-average tagged
+    the step's tagged images over all ranks and micro-batches, else every image (the authors')."""
+    if args.tag_average != "tagged":
+        return r.global_batch, r.global_batch
+    counts = torch.tensor([float(sum(b["n_obj"] for b in step_batches)),
+                           float(sum(b["n_attr"] for b in step_batches))])
+    counts = tagalign.all_reduce_sum(pinned(counts, device))
+    return counts[0], counts[1]
+
+
+def save_run(args, r):
+    """Collective: every rank's data positions and skip counts go to rank 0, which writes the checkpoint
+    (trainable state, optimizer, scaler, step, RNG, run record) atomically."""
+    gathered = [None] * r.world
+    state = {"roles": r.positions.roles, "skipped": r.positions.skipped}
+    if r.world > 1:
+        dist.all_gather_object(gathered, state)
+    else:
+        gathered = [state]
+    if not r.master:
+        return
+    all_roles = {role: s for g in gathered for role, s in g["roles"].items()}  # disjoint: each rank's roles
+    skipped = {k: r.skipped_total[k] + sum(s[k] for g in gathered for s in g["skipped"].values())
+               for k in r.skipped_total}
+    tagalign.save_checkpoint(
+        r.ckpt_path, r.raw_model, r.clip_name, optimizer=r.optimizer.state_dict(), scaler=r.scaler.state_dict(),
+        step=r.step, rng={"python": random.getstate(), "torch": torch.random.get_rng_state()}, args=vars(args),
+        data={**r.record, "start": all_roles, "role_offset": r.micro_batches % max(args.workers, 1),
+              "skipped": skipped})
+
+
+class Watch:
+    """Non-finite losses and gradients, kept on the device and checked at log and save steps. check() is a
+    collective: every rank learns whether any rank saw one, so all stop together (a rank that raised alone
+    would leave the others waiting in the next all-reduce forever), naming the step, rank(s) and batch keys."""
+
+    def __init__(self, rank, world, accum):
+        self.rank, self.world, self.accum = rank, world, accum
+        self.finite, self.finite_grad, self.keys = [], [], []  # per micro-step, per step, (step, keys)
+
+    def loss(self, loss, step, keys):
+        self.finite.append(torch.isfinite(loss.detach()))
+        self.keys.append((step, keys))
+
+    def gradient(self, norm, scaler):
+        # a finite loss can still give non-finite gradients (fp16's GradScaler skips such steps by itself)
+        self.finite_grad.append(torch.ones_like(norm, dtype=torch.bool) if scaler.is_enabled()
+                                else torch.isfinite(norm))
+
+    def check(self):
+        local = torch.cat([~torch.stack(self.finite), ~torch.stack(self.finite_grad)])  # (micro + steps,) bool
+        bad = tagalign.all_reduce_sum(local.float()).nonzero()  # the one host read of the interval
+        if len(bad):
+            i = int(bad[0])
+            loss_bad = i < len(self.finite)
+            j = i if loss_bad else (i - len(self.finite) + 1) * self.accum - 1  # a gradient: its last micro-step
+            keys = self.keys[j][1] if loss_bad else [k for _, ks in self.keys[j + 1 - self.accum:j + 1] for k in ks]
+            mine = {"rank": self.rank, "bad": bool(local[i]) or not loss_bad, "keys": keys}
+            everyone = [None] * self.world
+            if self.world > 1:
+                dist.all_gather_object(everyone, mine)
+            else:
+                everyone = [mine]
+            ranks = ", ".join(str(e["rank"]) for e in everyone if e["bad"])
+            keys = [k for e in everyone if e["bad"] for k in e["keys"]]
+            what = f"loss at step {self.keys[j][0]} (rank {ranks}" if loss_bad else \
+                f"gradient at step {self.keys[j][0]} (the losses were finite"
+            raise FloatingPointError(f"non-finite {what}; all {self.world} processes stop); batch keys: "
+                                     f"{keys[:64]}. The last checkpoint is intact: inspect these samples, or "
+                                     "lower --lr / use --precision bf16 or fp32")
+        self.finite.clear()
+        self.finite_grad.clear()
+        self.keys.clear()
+
+
+class StepLog:
+    """The log line of every --log-every steps (console and out/log.txt): the loss terms averaged since the
+    last line, temperatures, lr, img/s, GPU memory, and the data counts summed over ranks (tagged, found in
+    labels.pt, skipped images, tars, members and unlisted samples). Loss sums stay on the device until then."""
+
+    def __init__(self, args, r):
+        self.args, self.world, self.device = args, r.world, r.device
+        self.sums, self.seen = {}, {"samples": 0, "found": 0, "tagged": 0}
+        self.t, self.images, self.last_step, self.samples_total, self.warned = time.time(), 0, r.step, 0, False
+        self.file = open(os.path.join(args.out, "log.txt"), "a", encoding="utf-8") if r.master else None
+        if r.master:
+            device = r.device
+            head = {"args": vars(args), "world": r.world, "global_batch": r.global_batch, "accumulation": r.accum,
+                    "lr": r.lr, "precision": r.precision, "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                    else platform.processor() or "cpu"}
+            self.file.write(f"# start {time.strftime('%Y-%m-%d %H:%M:%S')} {json.dumps(head)}\n")
+            self.file.flush()
+            print0(f"world {r.world}, global batch {r.global_batch} ({args.batch_size} x {r.world} x {r.accum} "
+                   f"accumulation), lr {r.lr:g}, {r.precision}, {len(r.tags['objects'])} object and "
+                   f"{len(r.tags['attributes'])} attribute tags")
+
+    def count(self, b):
+        self.seen["samples"] += len(b["keys"])
+        self.seen["found"] += b["n_found"]
+        self.seen["tagged"] += b["n_tagged"]
+
+    def add(self, terms, images):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float()
+        self.images += images
+
+    def write(self, r):
+        """Collective (two all-reduces): every rank calls it at the same steps."""
+        names, device = ("obj", "attr", "itc"), self.device
+        losses = torch.stack([self.sums[k] if k in self.sums else torch.zeros((), device=device) for k in names])
+        counts = torch.tensor([float(self.seen[k]) for k in self.seen] + [
+            float(sum(s[k] for s in r.positions.skipped.values())) for k in r.skipped_total], dtype=torch.float64)
+        losses, counts = tagalign.all_reduce_sum(losses), tagalign.all_reduce_sum(counts)
+        losses = (losses / self.world / (r.step - self.last_step)).tolist()  # steps since the last line
+        shown = [f"{v:.4f}" if k in self.sums else "off" for k, v in zip(names, losses)]
+        samples, found, tagged = counts[:3].tolist()
+        self.samples_total += samples
+        skipped = {k: r.skipped_total[k] + int(v) for k, v in zip(r.skipped_total, counts[3:].tolist())}
+        tau_tag, tau_itc = r.raw_model.temperatures()
+        rate = self.images / (time.time() - self.t)
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
+        line = (f"step {r.step}/{self.args.steps} obj {shown[0]} attr {shown[1]} itc {shown[2]} "
+                f"tau_tag {tau_tag.item():.2f} tau_itc {tau_itc.item():.2f} "
+                f"lr {r.optimizer.param_groups[0]['lr']:.3g} img/s {rate:.1f} gpu_mem {mem:.2f}GiB "
+                f"tagged {100 * tagged / max(samples, 1):.1f}% found {100 * found / max(samples, 1):.1f}% "
+                f"skipped img {skipped['image']} tar {skipped['tar']} member {skipped['member']} "
+                f"unlisted {skipped['unlisted']}")
+        print0(line)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+        unlisted_since = int(counts[3 + SKIPS.index("unlisted")])  # since this (re)start
+        if (found < 0.5 * samples or unlisted_since > self.samples_total) and not self.warned:
+            print0(f"warning: {100 * found / max(samples, 1):.1f}% of the samples trained have their key in "
+                   f"labels.pt, and {unlisted_since} were skipped for having none: do the labels belong to "
+                   "these files? ('found' and 'unlisted' in every log line)")
+            self.warned = True
+        self.sums, self.t, self.images, self.last_step = {}, time.time(), 0, r.step
+        self.seen = dict.fromkeys(self.seen, 0)
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
 if __name__ == "__main__":

@@ -78,10 +78,10 @@ def make_data(folder, n_urls, found, seed=0):
 def stage(name, folder, shards, workers):
     """One measurement in this process, printed as JSON: seconds, peak RSS, RSS after the imports."""
     sys.path.insert(0, ROOT)
-    import parse_tags
+    import labels
     import import_tags
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    files = parse_tags.input_files([os.path.join(folder, shards, "*.tar")])
+    files = labels.input_files([os.path.join(folder, shards, "*.tar")])
     t0 = time.perf_counter()
     if name == "index":
         index = os.path.join(folder, "index.json")

@@ -16,6 +16,7 @@ import pytest
 
 import parse_tags
 import tag_rules
+import labels
 from labels import LabelTable
 from bench_parse_tags import precision_recall, read_labelled  # the labelled-set scoring lives there
 from conftest import ROOT, shared_lines
@@ -175,14 +176,14 @@ def write_tar(path, samples, corrupt_at=None):
 
 
 def test_expand_braces_and_inputs(tmp_path):
-    assert parse_tags.expand_braces("s/{00008..00011}.tar") == [f"s/{i:05d}.tar" for i in range(8, 12)]
-    assert parse_tags.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    assert labels.expand_braces("s/{00008..00011}.tar") == [f"s/{i:05d}.tar" for i in range(8, 12)]
+    assert labels.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
     for i in range(3):
         (tmp_path / f"{i:03d}.tar").write_bytes(b"")
-    found = parse_tags.input_files([str(tmp_path / "{000..001}.tar"), str(tmp_path / "*.tar")])
+    found = labels.input_files([str(tmp_path / "{000..001}.tar"), str(tmp_path / "*.tar")])
     assert [os.path.basename(f) for f in found] == ["000.tar", "001.tar", "002.tar"]
     with pytest.raises(FileNotFoundError, match="not found"):
-        parse_tags.input_files([str(tmp_path / "{000..004}.tar")])
+        labels.input_files([str(tmp_path / "{000..004}.tar")])
 
 
 def test_readers_for_every_format(tmp_path):
