@@ -28,7 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from labels import input_files
-from parse_tags import bad_file_reporter, default_threads
+from parse_io import bad_file_reporter
+from parse_tags import default_threads
 
 
 # First-row words that mark a header in a one-column tag list (with several columns, a non-number above a column

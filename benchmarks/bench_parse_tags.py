@@ -29,6 +29,7 @@ from collections import deque
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import parse_io
 import parse_tags  # noqa: E402
 import tag_rules
 
@@ -159,7 +160,7 @@ def main():
     for name in ("coco_captions.txt", "cc_captions.txt"):
         with open(os.path.join(args.captions_dir, name), encoding="utf-8") as f:
             captions += f.read().splitlines()[:args.captions // 2]
-    unique = len({parse_tags.caption_hash(c) for c in captions})
+    unique = len({parse_io.caption_hash(c) for c in captions})
     if unique != len(captions):
         sys.exit(f"only {unique} of {len(captions)} captions are distinct; the comparison needs distinct ones")
     samples = [(f"{i:09d}", c) for i, c in enumerate(captions)]
@@ -190,7 +191,7 @@ def main():
         stats = parse_tags.parse_captions(iter(samples), ours, out, progress=False)
         ours_s, loop_s = time.perf_counter() - t0, time.perf_counter() - t1
         python_us = (loop_s - ours.decode_seconds) / ours.generated * 1e6
-        results = list(parse_tags.read_records(os.path.join(out, "parsed.0-of-1.jsonl")))
+        results = list(parse_io.read_records(os.path.join(out, "parsed.0-of-1.jsonl")))
     ours_tokens = ours.generated / len(captions)
 
     valid = lambda rs: sum("error" not in r for r in rs) / len(rs)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import parse_io
 import parse_tags
 import tag_rules
 import train
@@ -87,7 +88,7 @@ def test_parse_with_nltk_end_to_end_then_restricted_vocab_and_training(tmp_path,
     assert cli("parse", "--parser", "nltk", "--input", str(tmp_path / "000000.tar"))["resumed"] == 12
     settings = json.load(open(out / "parsed.0-of-1.settings.json"))
     assert settings["parser"] == "nltk"
-    with pytest.raises(parse_tags.SettingsMismatch, match="other settings"):  # no LLM records on NLTK ones
+    with pytest.raises(parse_io.SettingsMismatch, match="other settings"):  # no LLM records on NLTK ones
         parse_tags.parse_captions([("x", "a dog")], lambda text, strict=False: "dog | -", str(out),
                                   settings={"model_bytes": 1, "model_head": "0", "grounding": "all", "prompt": "p"})
     cli("merge")

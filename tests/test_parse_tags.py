@@ -14,6 +14,7 @@ from collections import deque
 
 import pytest
 
+import parse_io
 import parse_tags
 import tag_rules
 import labels
@@ -201,7 +202,7 @@ def test_readers_for_every_format(tmp_path):
     (tmp_path / "plain.tsv").write_text("".join(f"{u}\t{c}\n" for u, c in plain), encoding="utf-8")
     with open(tmp_path / "c.jsonl", "w") as f:
         f.writelines(json.dumps({"id": k, "text": c}) + "\n" for k, c in samples)
-    read = lambda name, **kw: list(parse_tags.read_samples(str(tmp_path / name), **kw))
+    read = lambda name, **kw: list(parse_io.read_samples(str(tmp_path / name), **kw))
     assert read("s.tar") == samples
     assert read("c.csv", key_column="key") == samples
     assert read("c.tsv", caption_column="0", has_header=False, quoted_tsv=True) == [
@@ -220,10 +221,10 @@ def test_shards_partition_the_samples_and_bad_files_are_reported(tmp_path):
         files.append(str(tmp_path / f"{s}.tar"))
     write_tar(tmp_path / "bad.tar", [(f"9{i:04d}", "x" * 3000) for i in range(5)], corrupt_at=3000)
     bad = []
-    everything = list(parse_tags.shard_samples(files + [str(tmp_path / "bad.tar")], 0, 1, lambda p, e: bad.append(p)))
+    everything = list(parse_io.shard_samples(files + [str(tmp_path / "bad.tar")], 0, 1, lambda p, e: bad.append(p)))
     assert len(everything) >= 20 and bad == [str(tmp_path / "bad.tar")]
     for n in (2, 3, 7):  # by file (n <= files) and by row (n > files)
-        parts = [list(parse_tags.shard_samples(files, i, n, lambda p, e: None)) for i in range(n)]
+        parts = [list(parse_io.shard_samples(files, i, n, lambda p, e: None)) for i in range(n)]
         flat = [s for p in parts for s in p]
         assert sorted(flat) == sorted(everything[:20]) and len(flat) == len(set(flat))
 
@@ -237,7 +238,7 @@ SAMPLES[8] = ("000008", "")
 
 
 def records(path):
-    return list(parse_tags.read_records(path))
+    return list(parse_io.read_records(path))
 
 
 def test_parse_dedupes_and_records_failures(tmp_path):
@@ -304,7 +305,7 @@ def test_retry_failures_on_resume(tmp_path):
 def test_compact_map_agrees_with_a_dict():
     import random
     rng = random.Random(0)
-    compact, reference = parse_tags.CompactMap(fold=7), {}
+    compact, reference = parse_io.CompactMap(fold=7), {}
     keys = [rng.getrandbits(64) for _ in range(300)] + [0, 2 ** 64 - 1]
     for _ in range(2000):
         key = rng.choice(keys)
@@ -321,8 +322,8 @@ def test_parse_state_grows_by_tens_of_bytes_a_record(tmp_path, monkeypatch):
     measured between two input sizes, while parsing and while resuming (every key done)."""
     import tracemalloc
     # fold often, as 11 M records would at 65,536
-    monkeypatch.setattr(parse_tags, "FOLD_ENTRIES", 256, raising=False)
-    read_ahead = parse_tags.prefetched  # a fixed read-ahead queue, kept short so the small run fills it too
+    monkeypatch.setattr(parse_io, "FOLD_ENTRIES", 256, raising=False)
+    read_ahead = parse_io.prefetched  # a fixed read-ahead queue, kept short so the small run fills it too
     monkeypatch.setattr(parse_tags, "prefetched", lambda items: read_ahead(items, size=64))
 
     def answer(text, strict=False):
@@ -405,7 +406,7 @@ def test_a_damaged_line_is_parsed_again_instead_of_blocking_every_restart(tmp_pa
     stats = parse_tags.parse_captions(iter(SAMPLES[:10]), FakeLLM(), str(tmp_path), progress=False)
     assert stats["resumed"] == 9 and stats["written"] == 1
     assert "1 damaged line(s) skipped (e.g. line [4])" in capsys.readouterr().err
-    summary = parse_tags.merge(str(tmp_path))
+    summary = parse_io.merge(str(tmp_path))
     assert summary["records"] == 10 and summary["damaged_lines"] == 1
     merged = [json.loads(l)["key"] for l in open(tmp_path / "parsed.jsonl", encoding="utf-8")]
     assert merged == sorted(k for k, _ in SAMPLES[:10]) and damaged_key in merged
@@ -425,7 +426,7 @@ def test_batched_resume_after_kill_mid_batch(tmp_path):
 def test_shards_merge_and_vocabulary(tmp_path):
     for i in range(3):
         parse_tags.parse_captions(iter(SAMPLES[i::3]), FakeLLM(), str(tmp_path), shard=i, num_shards=3, progress=False)
-    summary = parse_tags.merge(str(tmp_path))
+    summary = parse_io.merge(str(tmp_path))
     assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": [],
                        "damaged_lines": 0}
     stats = parse_tags.build_vocab(str(tmp_path), num_objects=5, num_attributes=2)
@@ -473,18 +474,18 @@ def test_settings_are_recorded_and_a_resume_or_merge_with_others_refused(tmp_pat
     # shard 1: parsed with other settings -> merge refuses
     parse_tags.parse_captions(iter(SAMPLES[1::2]), FakeLLM(), str(tmp_path), 1, 2, progress=False, settings=other)
     with pytest.raises(ValueError, match="shards 0 and 1 of .* were parsed with other settings"):
-        parse_tags.merge(str(tmp_path))
+        parse_io.merge(str(tmp_path))
     # shard 1 again with our settings, but as if killed: records and settings without the done marker
     for name in ("parsed.1-of-2.jsonl", "parsed.1-of-2.settings.json", "parsed.1-of-2.done.json"):
         os.remove(tmp_path / name)
     parse_tags.parse_captions(iter(SAMPLES[1:10:2]), FakeLLM(), str(tmp_path), 1, 2, progress=False, settings=ours)
     os.remove(tmp_path / "parsed.1-of-2.done.json")
     capsys.readouterr()
-    assert parse_tags.merge(str(tmp_path))["unfinished_shards"] == [1]
+    assert parse_io.merge(str(tmp_path))["unfinished_shards"] == [1]
     assert "shards [1] of 2 have not finished their input" in capsys.readouterr().err
     # the same keys now naming other captions (the input, or how it is read, changed): refused on resume
     shifted = [(k, c + " and a kite") for k, c in SAMPLES[0::2]]
-    with pytest.raises(parse_tags.SettingsMismatch, match="record of key '000000' was made from another caption"):
+    with pytest.raises(parse_io.SettingsMismatch, match="record of key '000000' was made from another caption"):
         parse_tags.parse_captions(iter(shifted), FakeLLM(), str(tmp_path), 0, 2, progress=False, settings=ours)
     # a settings file zero-filled by a crash is rewritten with a warning, not a JSONDecodeError forever
     (tmp_path / "parsed.0-of-2.settings.json").write_bytes(b"\x00" * 64)
@@ -496,13 +497,13 @@ def test_settings_are_recorded_and_a_resume_or_merge_with_others_refused(tmp_pat
 def test_string_keys_and_mixed_shard_counts(tmp_path):
     parse_tags.parse_captions(iter([("a/1", "red horse"), ("b/2", "black lamp")]), FakeLLM(), str(tmp_path),
                               progress=False)
-    parse_tags.merge(str(tmp_path))
+    parse_io.merge(str(tmp_path))
     parse_tags.build_vocab(str(tmp_path))
     labels = LabelTable(str(tmp_path / "labels.pt"))
     assert not labels.numeric and labels.get("b/2")[0].tolist() == [labels.tags["objects"].index("lamp")]
     parse_tags.parse_captions(iter([("c/3", "red horse")]), FakeLLM(), str(tmp_path), 0, 2, progress=False)
     with pytest.raises(ValueError, match="mixes shard counts"):
-        parse_tags.merge(str(tmp_path))
+        parse_io.merge(str(tmp_path))
 
 
 def test_streaming_merge_equals_in_memory_merge(tmp_path):
@@ -516,7 +517,7 @@ def test_streaming_merge_equals_in_memory_merge(tmp_path):
                 expected[rec["key"]] = rec
     with open(tmp_path / "parsed.1-of-3.jsonl", "a") as f:
         f.write('{"key": "000005", "h": "partial')  # a kill mid-write
-    summary = parse_tags.merge(str(tmp_path), run_records=7)
+    summary = parse_io.merge(str(tmp_path), run_records=7)
     merged = records(tmp_path / "parsed.jsonl")
     assert merged == [expected[k] for k in sorted(expected)]
     assert summary == {"records": 40, "failed": 2, "shards": 3, "missing_shards": [], "unfinished_shards": [],
@@ -557,7 +558,7 @@ def tag_all(tagger, captions, grounding=tag_rules.DEFAULT_GROUNDING):
         parse_tags.parse_captions(((f"{i:06d}", c) for i, c in enumerate(captions)), tagger, out, progress=False,
                                   grounding=grounding)
         return [{k: v for k, v in r.items() if k not in ("key", "h")}
-                for r in parse_tags.read_records(os.path.join(out, "parsed.0-of-1.jsonl"))]
+                for r in parse_io.read_records(os.path.join(out, "parsed.0-of-1.jsonl"))]
 
 
 def raw_answers(tagger, texts):
@@ -881,7 +882,7 @@ def test_raw_answers_are_kept_and_rederived_under_new_rules_without_a_model(tmp_
     monkeypatch.setattr(tag_rules, "OBJECT_STOPWORDS", tag_rules.OBJECT_STOPWORDS | {"snow"})
     new = {**settings, "rules": tag_rules.rules_version()}
     assert new["rules"] != settings["rules"]
-    with pytest.raises(parse_tags.SettingsMismatch, match="rules"):
+    with pytest.raises(parse_io.SettingsMismatch, match="rules"):
         parse_tags.parse_captions(samples, llm, str(out), progress=False, settings=new)
     monkeypatch.setattr(sys, "argv", ["parse_tags.py", "rederive", "--input", str(tmp_path / "caps.jsonl"),
                                       "--out", str(out)])
@@ -918,14 +919,14 @@ def test_one_writer_per_shard_and_merge_cleans_a_killed_merge(tmp_path):
     (out / "errors.0-of-1.jsonl").write_text('{"file": "x", "error": "the first run\'s"}\n')
     cli = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "parse_tags.py"), *a, "--out", str(out)],
                                     capture_output=True, text=True, timeout=300)
-    held = parse_tags.exclusive(str(out / "parsed.0-of-1.lock"), "shard 0 of 1")
+    held = parse_io.exclusive(str(out / "parsed.0-of-1.lock"), "shard 0 of 1")
     r = cli("parse", "--parser", "nltk", "--input", str(tmp_path / "caps.tsv"))
     assert r.returncode != 0 and r.stderr.startswith("error: another process is writing shard 0 of 1")
     assert "Traceback" not in r.stderr and "the first run" in (out / "errors.0-of-1.jsonl").read_text()
     held.close()
     with open(out / "parsed.0-of-1.jsonl", "w") as f:
         f.write(json.dumps({"key": "1", "h": "x", "objects": ["dog"], "attributes": []}) + "\n")
-    held = parse_tags.exclusive(str(out / "merge.lock"), "merge")
+    held = parse_io.exclusive(str(out / "merge.lock"), "merge")
     r = cli("merge")
     assert r.returncode != 0 and "another process is writing" in r.stderr
     held.close()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
+import parse_io
 import parse_tags
 import tagalign
 import train
@@ -69,7 +70,7 @@ def write_labels(folder, items, untagged=()):
             if key in untagged:
                 rec = {"key": key, "h": key, "error": "after retry: not JSON", "raw": ""}
             f.write(json.dumps(rec) + "\n")
-    parse_tags.merge(folder)
+    parse_io.merge(folder)
     parse_tags.build_vocab(folder)
 
 
