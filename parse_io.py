@@ -171,7 +171,8 @@ def _record(line):
         rec = json.loads(line)
     except ValueError:
         return None
-    ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("h"), str) and (
+    ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("h"), str) \
+        and re.fullmatch("[0-9a-f]{16}", rec["h"]) is not None and (
         "error" in rec or isinstance(rec.get("objects"), list) and isinstance(rec.get("attributes"), list))
     return rec if ok else None
 
@@ -200,7 +201,7 @@ def read_records(path, offsets=False):
 def record_at(f, offset):
     """The record whose line starts at `offset` of the binary file f."""
     f.seek(offset)
-    return json.loads(f.readline())
+    return json.loads(f.readline().decode("utf-8", errors="replace"))  # as read_records reads it
 
 
 class SettingsMismatch(ValueError):

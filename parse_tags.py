@@ -417,10 +417,15 @@ class BatchTagger:
         L.llama_sampler_apply(smpl, self.one_ref)
         if one.logit != -np.inf:
             return int(top)
-        below = logits[top] - logits  # how far each token is below the argmax (NaN logits are in neither set)
-        for lo, hi in ((-1.0, 2.0), (2.0, 6.0), (6.0, 16.0), (16.0, np.inf)):
-            ids = np.flatnonzero((below > lo) & (below <= hi))
-            ids = ids[np.argsort(below[ids], kind="stable")]
+        if not np.isfinite(logits[top]):  # a NaN or inf row: its bands mean nothing; NaN is never chosen
+            logits = np.where(np.isnan(logits), -np.inf, logits)
+            bands = [np.arange(self.n_vocab)]
+        else:
+            below = logits[top] - logits  # how far each token is below the argmax (NaN: in no band)
+            bands = [np.flatnonzero((below > lo) & (below <= hi))
+                     for lo, hi in ((-1.0, 2.0), (2.0, 6.0), (6.0, 16.0), (16.0, np.inf))]
+        for ids in bands:
+            ids = ids[np.argsort(-logits[ids], kind="stable")]  # falling logits (exact, unlike `below`)
             start, size = 0, 8
             while start < len(ids):
                 chunk = ids[start:start + size]
@@ -451,7 +456,7 @@ class BatchTagger:
         slots, used = [None] * self.parallel, 0  # used: the KV cells the busy sequences can take
         # Captions are tokenised ahead, in a thread, while llama_decode runs (both release the GIL): queued holds
         # (job, future of its feed) in input order; its head waits there for free KV cells.
-        tokenizer, queued, ahead = ThreadPoolExecutor(1), deque(), max(4, self.parallel // 4)
+        tokenizer, queued, ahead = ThreadPoolExecutor(1), deque(), self.parallel  # refills every free slot
 
         def top_up():  # None means "nothing now", not "never": a retry can be queued after the input ran out
             while len(queued) < ahead and (job := next_job()) is not None:
@@ -524,10 +529,10 @@ class BatchTagger:
                         slots[s], used = None, used - slot["need"]
                         yield slot["ticket"], raw, error
         finally:  # an interrupted run leaves no caption cells behind, so the tagger can be used again
-            tokenizer.shutdown(cancel_futures=True)
             for s in range(self.parallel):
                 if slots[s] is not None:
                     self._release(s, slots[s]["start"])
+            tokenizer.shutdown(cancel_futures=True)
 
     def _release(self, s, start):
         """Sequence s's caption cells go; the prefix stays (shared again from the keeper where it was cut)."""
@@ -680,8 +685,9 @@ def parse_captions(samples, backend, out_dir, shard=0, num_shards=1, total=None,
     for offset, rec in read_records(path, offsets=True):
         h = int(rec["h"], 16)
         if "error" not in rec or not retry_failures:
-            done[fingerprint(rec["key"])] = h
-            resumed += 1
+            fp = fingerprint(rec["key"])
+            resumed += done.get(fp) is None  # keys, not records (a retried key has two)
+            done[fp] = h
         if "error" not in rec:
             cache[h] = offset
     stats = Counter(resumed=resumed)

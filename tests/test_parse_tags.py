@@ -322,7 +322,7 @@ def test_parse_state_grows_by_tens_of_bytes_a_record(tmp_path, monkeypatch):
     measured between two input sizes, while parsing and while resuming (every key done)."""
     import tracemalloc
     # fold often, as 11 M records would at 65,536
-    monkeypatch.setattr(parse_io, "FOLD_ENTRIES", 256, raising=False)
+    monkeypatch.setattr(parse_io, "FOLD_ENTRIES", 256)
     read_ahead = parse_io.prefetched  # a fixed read-ahead queue, kept short so the small run fills it too
     monkeypatch.setattr(parse_tags, "prefetched", lambda items: read_ahead(items, size=64))
 
@@ -651,6 +651,20 @@ def test_sampling_equals_the_grammar_over_the_whole_vocabulary(batched):
             row[best] = row.max() - gap  # the best allowed token, `gap` below it
             expected = int(np.flatnonzero(allowed)[np.argmax(row[allowed])])
             assert t._sample(smpl, row, int(row.argmax())) == expected, (answer, gap)
+        # rows that break a naive band search: a refused NaN or +inf argmax (numpy's argmax returns a NaN
+        # first), and two allowed logits 1e-7 apart that are equally far below 16.0 in float32, behind seven
+        # refused ones in the first chunk: the higher one, with the higher id, must win
+        ok, no = np.flatnonzero(allowed), np.flatnonzero(~allowed)
+        for worst in (np.nan, np.inf):
+            row = rng.normal(0, 3, t.n_vocab).astype(np.float32)
+            row[no[0]] = worst
+            top = int(row.argmax())
+            assert top == no[0]
+            expected = int(ok[np.argmax(row[ok])])
+            assert t._sample(smpl, row, top) == expected, (answer, worst)
+        row = np.full(t.n_vocab, -100.0, dtype=np.float32)
+        row[no[0]], row[no[1:8]], row[ok[0]], row[ok[1]] = 16.0, 5.0, 0.0, 1e-7
+        assert t._sample(smpl, row, int(row.argmax())) == int(ok[1]), answer
         L.llama_sampler_free(smpl)
 
 
