@@ -1,8 +1,9 @@
 """
-The parser's files, apart from the parsing itself (parse_tags.py): reading captions from tar shards, JSONL and
-CSV/TSV (with the format guessing), the records files (parsed.{i}-of-{n}.jsonl: streamed reading, appending
-after a kill, the resume and dedupe state in bounded memory, the settings a shard was parsed with, one writer
-per shard), the streaming merge of the shards' records, and the bad-input reporter.
+The parser's files, apart from the parsing itself (parse_tags.py): reading captions from tar shards,
+JSONL and CSV/TSV (with the format guessing), the records files (parsed.{i}-of-{n}.jsonl: streamed
+reading, appending after a kill, the resume and dedupe state in bounded memory, the settings a shard
+was parsed with, one writer per shard), the streaming merge of the shards' records, and the
+bad-input reporter.
 """
 import csv
 import glob
@@ -17,17 +18,19 @@ import sys
 import tarfile
 import tempfile
 import threading
+from collections import Counter
 
 import numpy as np
 
-from tag_rules import prepare_caption
+from tag_rules import parse_answer, prepare_caption, rules_version
 
 
-def read_samples(path, key_column=None, caption_column="caption", has_header=True, quoted_tsv=False):
-    """Yield (key, caption) from one file: a webdataset .tar ({key}.txt members), .jsonl, or .csv/.tsv.
-    Keys: key_column when given; else a column/field named 'key' when there is one (train.py's --data-csv reads
-    that column, so the two programs agree by default); else '<file stem>/<row>'. Raises on a corrupt file (the
-    caller reports it)."""
+def read_samples(path, key_column=None, caption_column="caption", has_header=True,
+                 quoted_tsv=False):
+    """Yield (key, caption) from one file: a webdataset .tar ({key}.txt members), .jsonl, or
+    .csv/.tsv. Keys: key_column when given; else a column/field named 'key' when there is one
+    (train.py's --data-csv reads that column, so the two programs agree by default); else
+    '<file stem>/<row>'. Raises on a corrupt file (the caller reports it)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     if path.endswith(".tar"):
         with tarfile.open(path, "r|*") as tar:  # streaming: images are skipped without seeking
@@ -41,13 +44,15 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
                 if line.strip():
                     rec = json.loads(line)
                     kc = key_column or ("key" if "key" in rec else None)
-                    yield str(rec[kc]) if kc else f"{stem}/{row}", str(rec.get(caption_column) or "")
+                    yield (str(rec[kc]) if kc else f"{stem}/{row}",
+                           str(rec.get(caption_column) or ""))
     else:
         tsv = path.endswith(".tsv")
-        # A TSV has no quoting (CC12M's cc12m.tsv: url TAB caption): one record per "\n"-ended line, split at
-        # tabs and nothing else; the csv module would open a quoted field at a caption's leading '"' (and swallow
-        # the rows after it), end a row at a lone '\r', and stop at 131,072 characters. quoted_tsv: a TSV
-        # written with CSV-style quoting (Python's csv module, pandas), whose fields may hold tabs and newlines.
+        # A TSV has no quoting (CC12M's cc12m.tsv: url TAB caption): one record per "\n"-ended line,
+        # split at tabs and nothing else; the csv module would open a quoted field at a caption's
+        # leading '"' (and swallow the rows after it), end a row at a lone '\r', and stop at 131,072
+        # characters. quoted_tsv: a TSV written with CSV-style quoting (Python's csv module,
+        # pandas), whose fields may hold tabs and newlines.
         plain = tsv and not quoted_tsv
         with open(path, encoding="utf-8", newline="\n" if plain else "") as f:
             if plain:
@@ -63,7 +68,8 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
                     return header.index(name)
                 if name.isdigit():
                     return int(name)
-                raise ValueError(f"{path}: no column {name!r} (columns: {header}); use --caption-column/--key-column")
+                raise ValueError(f"{path}: no column {name!r} (columns: {header}); "
+                                 "use --caption-column/--key-column")
             ci = column(caption_column)
             ki = column(key_column or ("key" if header and "key" in header else None))
             for row, fields in enumerate(reader):
@@ -74,8 +80,8 @@ def read_samples(path, key_column=None, caption_column="caption", has_header=Tru
 
 
 def shard_samples(files, shard, num_shards, report_bad, **read_kw):
-    """The samples of shard i of n: whole files when there are at least n files, else every n-th row.
-    A file that fails to read is reported through report_bad(file, error) and skipped."""
+    """The samples of shard i of n: whole files when there are at least n files, else every n-th
+    row. A file that fails to read is reported through report_bad(file, error) and skipped."""
     by_file = len(files) >= num_shards
     mine = files[shard::num_shards] if by_file else files
     index = 0
@@ -85,12 +91,13 @@ def shard_samples(files, shard, num_shards, report_bad, **read_kw):
                 if by_file or index % num_shards == shard:
                     yield key, caption
                 index += 1
-        except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, csv.Error,
-                KeyError, ValueError) as e:
-            report_bad(path, f"{type(e).__name__}: {e}; skipped from there (the captions before it are kept)")
+        except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError,
+                csv.Error, KeyError, ValueError) as e:
+            report_bad(path, f"{type(e).__name__}: {e}; skipped from there (the captions before it "
+                             "are kept)")
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Records: resume and dedupe state, settings, one writer per shard
 
 def caption_hash(caption, prepared=False):
@@ -100,8 +107,8 @@ def caption_hash(caption, prepared=False):
 
 
 def open_for_append(path):
-    """Open a JSONL file (binary) to append after its last complete line: a kill mid-write leaves a partial one,
-    found by reading back from the end (never the whole file)."""
+    """Open a JSONL file (binary) to append after its last complete line: a kill mid-write leaves a
+    partial one, found by reading back from the end (never the whole file)."""
     if os.path.exists(path):
         with open(path, "rb+") as f:
             end = f.seek(0, os.SEEK_END)
@@ -118,13 +125,15 @@ def open_for_append(path):
     return open(path, "ab")
 
 
-FOLD_ENTRIES = 1 << 16  # CompactMap's newest entries kept in a dict (~6 MB) before they go into the arrays
+# CompactMap's newest entries kept in a dict (~6 MB) before they go into the arrays
+FOLD_ENTRIES = 1 << 16
 
 
 class CompactMap:
-    """A map from 64-bit ints (hashes) to 64-bit ones in ~16 bytes an entry, where a dict of ints costs ~100:
-    two sorted numpy arrays, and a dict of the newest entries folded into them every `fold` insertions. It holds
-    the resume and dedupe state of a parse (millions of keys and captions) in bounded memory."""
+    """A map from 64-bit ints (hashes) to 64-bit ones in ~16 bytes an entry, where a dict of ints
+    costs ~100: two sorted numpy arrays, and a dict of the newest entries folded into them every
+    `fold` insertions. It holds the resume and dedupe state of a parse (millions of keys and
+    captions) in bounded memory."""
 
     def __init__(self, fold=None):
         self.keys, self.values, self.recent = np.empty(0, np.uint64), np.empty(0, np.uint64), {}
@@ -166,22 +175,24 @@ def fingerprint(text):
 
 
 def _record(line):
-    """A results line -> its record, or None when it is not one (garbage from a crash or two writers at once)."""
+    """A results line -> its record, or None when it is not one (garbage from a crash or two writers
+    at once)."""
     try:
         rec = json.loads(line)
     except ValueError:
         return None
-    ok = isinstance(rec, dict) and isinstance(rec.get("key"), str) and isinstance(rec.get("h"), str) \
-        and re.fullmatch("[0-9a-f]{16}", rec["h"]) is not None and (
-        "error" in rec or isinstance(rec.get("objects"), list) and isinstance(rec.get("attributes"), list))
+    ok = (isinstance(rec, dict) and isinstance(rec.get("key"), str)
+          and isinstance(rec.get("h"), str) and re.fullmatch("[0-9a-f]{1,16}", rec["h"]) is not None
+          and ("error" in rec
+               or isinstance(rec.get("objects"), list) and isinstance(rec.get("attributes"), list)))
     return rec if ok else None
 
 
 def read_records(path, offsets=False):
-    """Complete records of a JSONL results file, streamed (with each one's byte offset when `offsets`). A partial
-    last line (a kill mid-write) is ignored; a damaged line elsewhere (a node crash, two processes on one shard)
-    is skipped and named on stderr, so its key counts as not done and a resume parses it again, instead of every
-    restart failing on it."""
+    """Complete records of a JSONL results file, streamed (with each one's byte offset when
+    `offsets`). A partial last line (a kill mid-write) is ignored; a damaged line elsewhere (a node
+    crash, two processes on one shard) is skipped and named on stderr, so its key counts as not done
+    and a resume parses it again, instead of every restart failing on it."""
     if not os.path.exists(path):
         return
     damaged, offset = [], 0
@@ -195,7 +206,8 @@ def read_records(path, offsets=False):
                     yield (offset, rec) if offsets else rec
             offset += len(line)
     if damaged:
-        print(f"warning: {path}: {len(damaged)} damaged line(s) skipped (e.g. line {damaged[:5]})", file=sys.stderr)
+        print(f"warning: {path}: {len(damaged)} damaged line(s) skipped (e.g. line {damaged[:5]})",
+              file=sys.stderr)
 
 
 def record_at(f, offset):
@@ -209,25 +221,28 @@ class SettingsMismatch(ValueError):
 
 
 def exclusive(path, what):
-    """An exclusive lock on the file `path`, held while the returned file stays open (flock: released when the
-    process ends, however it ends), so that a second process on the same shard (or merge) is refused with one
-    line instead of interleaving its records or deleting the first one's files."""
+    """An exclusive lock on the file `path`, held while the returned file stays open (flock:
+    released when the process ends, however it ends), so that a second process on the same shard (or
+    merge) is refused with one line instead of interleaving its records or deleting the first one's
+    files."""
     import fcntl
     f = open(path, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise ValueError(f"another process is writing {what} (it holds {path}); wait for it, or stop it "
-                         "first") from None
-    except OSError as e:  # a file system without flock (some NFS or Lustre mounts): go on, unguarded
-        print(f"warning: cannot lock {path} ({e.strerror}): make sure one process writes {what}", file=sys.stderr)
+        raise ValueError(f"another process is writing {what} (it holds {path}); wait for it, "
+                         "or stop it first") from None
+    except OSError as e:
+        # a file system without flock (some NFS or Lustre mounts): go on, unguarded
+        print(f"warning: cannot lock {path} ({e.strerror}): make sure one process writes {what}",
+              file=sys.stderr)
     return f
 
 
 def read_settings(path):
-    """A shard's recorded settings, or None when there are none or the file is damaged (said on stderr: e.g.
-    zero-filled after a node crash)."""
+    """A shard's recorded settings, or None when there are none or the file is damaged (said on
+    stderr: e.g. zero-filled after a node crash)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -242,25 +257,90 @@ def read_settings(path):
 
 
 def check_settings(path, settings, what):
-    """Compare the settings recorded at path with these; write them there when there are none (or damaged ones)."""
+    """Compare the settings recorded at path with these; write them there when there are none (or
+    damaged ones)."""
     saved = read_settings(path)
     if saved is not None:
-        changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+        changed = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                   if saved.get(k) != v]
         if changed:
-            fix = "run `parse_tags.py rederive` (today's tag rules on the stored answers) first" \
-                if [k for k in settings if saved.get(k) != settings[k]] == ["rules"] else \
-                f"use another --out, or delete {os.path.dirname(path) or '.'}'s parsed.* files to start over"
-            raise SettingsMismatch(f"{what} were parsed with other settings ({'; '.join(changed)}); mixing them "
-                                   f"would give one vocabulary two meanings: {fix}")
+            fix = ("run `parse_tags.py rederive` (today's tag rules on the stored answers) first"
+                   if [k for k in settings if saved.get(k) != settings[k]] == ["rules"] else
+                   f"use another --out, or delete {os.path.dirname(path) or '.'}'s parsed.* files "
+                   "to start over")
+            raise SettingsMismatch(f"{what} were parsed with other settings "
+                                   f"({'; '.join(changed)}); mixing them would give one vocabulary "
+                                   f"two meanings: {fix}")
     else:
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
         os.replace(path + ".tmp", path)
 
 
+CUT = "answer cut at"
+
+
+def rederive(samples, out_dir, shard=0, num_shards=1):
+    """Today's tag rules applied to the raw answers stored in out_dir/parsed.{shard}-of-{n}.jsonl,
+    without a model: each record with a finished raw answer gets the tags parse_answer makes of it
+    now (or the reason it fails), grounded in its caption (read again from `samples`, the shard's
+    input: records keep only the caption's hash) with the grounding the shard was parsed with.
+    Refused, before anything is written, when a record with tags has no raw answer or its caption is
+    not in the input (its tags would keep the old rules under the new version). The file is
+    rewritten in one piece (a temporary file, then renamed) and its settings take today's rules
+    version, so a resume or a merge goes on with them. Memory: the shard's records and the captions
+    they need. Returns counts."""
+    path = os.path.join(out_dir, f"parsed.{shard}-of-{num_shards}.jsonl")
+    settings_path = path[:-len(".jsonl")] + ".settings.json"
+    settings = read_settings(settings_path)
+    if not os.path.isfile(path) or settings is None:
+        raise FileNotFoundError(f"no records with settings at {path}: nothing to rederive")
+    records = list(read_records(path))
+    answered = lambda rec: rec.get("raw") and CUT not in rec.get("error", "")
+    needed = {r["h"] for r in records if answered(r)}
+    texts = {}
+    for _, caption in samples:
+        text = prepare_caption(caption)
+        h = caption_hash(text, prepared=True)
+        if h in needed:
+            texts[h] = text
+    stale = [r["key"] for r in records
+             if (r.get("objects") or r.get("attributes")) and not r.get("raw")]
+    lost = [r["key"] for r in records if answered(r) and r["h"] not in texts]
+    if stale or lost:
+        raise ValueError(f"{path}: {len(stale)} record(s) with tags but no raw answer "
+                         f"(e.g. {stale[:3]}) and {len(lost)} whose caption is not in the input "
+                         f"(e.g. {lost[:3]}); pass the parse's --input, reading flags and --shard, "
+                         "or parse those again")
+    stats = Counter(records=len(records))
+    tmp = path + ".rederive"
+    with open(tmp, "w", encoding="utf-8") as out:
+        for rec in records:
+            if answered(rec):
+                try:
+                    objects, attributes = parse_answer(rec["raw"], texts[rec["h"]],
+                                                       settings["grounding"])
+                    new = {"key": rec["key"], "h": rec["h"], "objects": objects,
+                           "attributes": attributes, "raw": rec["raw"]}
+                except ValueError as e:
+                    new = {"key": rec["key"], "h": rec["h"], "error": f"after retry: {e}",
+                           "raw": rec["raw"]}
+                stats["changed"] += new != rec
+                rec = new
+            else:
+                stats["kept"] += 1  # no answer to read again: an empty caption, a cut answer
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    with open(settings_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({**settings, "rules": rules_version()}, f, indent=1)
+    os.replace(settings_path + ".tmp", settings_path)
+    return dict(stats)
+
+
 def prefetched(items, size=4096):
-    """items, read ahead by a background thread (reading and splitting the input overlaps llama_decode, which
-    releases the GIL); the reader's exception is raised here, in its place. Closing the generator stops it."""
+    """items, read ahead by a background thread (reading and splitting the input overlaps
+    llama_decode, which releases the GIL); the reader's exception is raised here, in its place.
+    Closing the generator stops it."""
     ahead, stop, end = queue.Queue(size), threading.Event(), object()
 
     def put(item):
@@ -293,17 +373,18 @@ def prefetched(items, size=4096):
         stop.set()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Merging the shards' records
 
-# Streaming merge: sorted runs of at most this many records on disk, then a k-way merge. Peak memory is one
-# run (~0.3 KB a record) whatever the number of records.
+# Streaming merge: sorted runs of at most this many records on disk, then a k-way merge. Peak memory
+# is one run (~0.3 KB a record) whatever the number of records.
 MERGE_RUN_RECORDS = 500_000
 
 
 def _sort_line(line):
-    """A record line -> 'escaped key TAB flag TAB line': plain string order is then key order (the escaped key
-    has no control characters, so TAB ends it below any character), with a success (0) before a failure (1)."""
+    """A record line -> 'escaped key TAB flag TAB line': plain string order is then key order (the
+    escaped key has no control characters, so TAB ends it below any character), with a success (0)
+    before a failure (1)."""
     rec = _record(line)
     if rec is None:
         return None
@@ -311,41 +392,48 @@ def _sort_line(line):
 
 
 def merge(out_dir, run_records=MERGE_RUN_RECORDS):
-    """Combine parsed.*-of-*.jsonl into parsed.jsonl: one record per key (a success beats a failure), sorted by
-    key. Streams: sorted runs of run_records records go to temporary files, then a k-way merge writes the
-    result, so memory does not grow with the number of records."""
+    """Combine parsed.*-of-*.jsonl into parsed.jsonl: one record per key (a success beats a
+    failure), sorted by key. Streams: sorted runs of run_records records go to temporary files, then
+    a k-way merge writes the result, so memory does not grow with the number of records."""
     shards = sorted(glob.glob(os.path.join(out_dir, "parsed.*-of-*.jsonl")))
     if not shards:
-        raise FileNotFoundError(f"no parsed.*-of-*.jsonl in {out_dir}; run `parse_tags.py parse` first")
+        raise FileNotFoundError(f"no parsed.*-of-*.jsonl in {out_dir}; "
+                                "run `parse_tags.py parse` first")
     counts = {int(re.search(r"-of-(\d+)\.jsonl$", s).group(1)) for s in shards}
     if len(counts) > 1:
-        raise ValueError(f"{out_dir} mixes shard counts {sorted(counts)}; keep the files of one --shard i/n split")
+        raise ValueError(f"{out_dir} mixes shard counts {sorted(counts)}; keep the files of one "
+                         "--shard i/n split")
     n = counts.pop()
-    missing = [i for i in range(n) if not os.path.exists(os.path.join(out_dir, f"parsed.{i}-of-{n}.jsonl"))]
+    missing = [i for i in range(n)
+               if not os.path.exists(os.path.join(out_dir, f"parsed.{i}-of-{n}.jsonl"))]
     if missing:
-        print(f"warning: shards {missing} of {n} have no output yet; merging the others", file=sys.stderr)
+        print(f"warning: shards {missing} of {n} have no output yet; merging the others",
+              file=sys.stderr)
     unfinished = [i for i in range(n) if i not in missing
                   and not os.path.exists(os.path.join(out_dir, f"parsed.{i}-of-{n}.done.json"))]
     if unfinished:
-        print(f"warning: shards {unfinished[:20]} of {n} have not finished their input (no parsed.i-of-{n}.done.json): "
-              "their samples so far are merged, the rest get no row (train.py skips them as unlisted); rerun those "
-              "shards (they resume) "
-              "and merge again", file=sys.stderr)
-    errors = [e for e in glob.glob(os.path.join(out_dir, f"errors.*-of-{n}.jsonl")) if os.path.getsize(e)]
+        print(f"warning: shards {unfinished[:20]} of {n} have not finished their input "
+              f"(no parsed.i-of-{n}.done.json): their samples so far are merged, the rest get "
+              "no row (train.py skips them as unlisted); rerun those shards (they resume) and "
+              "merge again", file=sys.stderr)
+    errors = [e for e in glob.glob(os.path.join(out_dir, f"errors.*-of-{n}.jsonl"))
+              if os.path.getsize(e)]
     if errors:
-        print(f"warning: input files could not be read (their samples get no row): see {', '.join(sorted(errors))}",
-              file=sys.stderr)
-    recorded = {i: read_settings(os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json")) for i in range(n)}
+        print("warning: input files could not be read (their samples get no row): "
+              f"see {', '.join(sorted(errors))}", file=sys.stderr)
+    recorded = {i: read_settings(os.path.join(out_dir, f"parsed.{i}-of-{n}.settings.json"))
+                for i in range(n)}
     recorded = {i: v for i, v in recorded.items() if v is not None}
     if len({json.dumps(v, sort_keys=True) for v in recorded.values()}) > 1:
         first = min(recorded)
         other = next(i for i in sorted(recorded) if recorded[i] != recorded[first])
-        raise SettingsMismatch(f"shards {first} and {other} of {out_dir} were parsed with other settings "
-                               f"({recorded[first]} vs {recorded[other]}); parse them again with the same model, "
-                               "chat format and flags")
+        raise SettingsMismatch(f"shards {first} and {other} of {out_dir} were parsed with other "
+                               f"settings ({recorded[first]} vs {recorded[other]}); parse them "
+                               "again with the same model, chat format and flags")
     path = os.path.join(out_dir, "parsed.jsonl")
     with exclusive(os.path.join(out_dir, "merge.lock"), f"{out_dir}/parsed.jsonl"):
-        for stale in glob.glob(os.path.join(out_dir, ".merge-*")):  # a merge killed with -9 left its runs
+        # a merge killed with -9 left its runs
+        for stale in glob.glob(os.path.join(out_dir, ".merge-*")):
             shutil.rmtree(stale, ignore_errors=True)
         stats = _merge_runs(shards, path, out_dir, run_records)
     return {**stats, "missing_shards": missing, "unfinished_shards": unfinished}
@@ -367,17 +455,20 @@ def _merge_runs(shards, path, out_dir, run_records):
         for s in shards:
             with open(s, encoding="utf-8", errors="replace") as f:
                 for line in f:
-                    if line.endswith("\n"):  # a partial last line (a kill mid-write) is not a record
+                    # a partial last line (a kill mid-write) is not a record
+                    if line.endswith("\n"):
                         sortable = _sort_line(line[:-1])
-                        if sortable is None:  # a damaged line: skipped, counted (a resume parses its key again)
+                        # a damaged line: skipped, counted (a resume parses its key again)
+                        if sortable is None:
                             damaged += 1
                             continue
                         chunk.append(sortable + "\n")
                         if len(chunk) >= run_records:
                             spill()
         if damaged:
-            print(f"warning: {damaged} damaged line(s) in the shard files skipped; a resume of their shards parses "
-                  "those keys again (if one already ran, nothing is missing)", file=sys.stderr)
+            print(f"warning: {damaged} damaged line(s) in the shard files skipped; a resume of "
+                  "their shards parses those keys again (if one already ran, nothing is missing)",
+                  file=sys.stderr)
         if chunk or not runs:
             spill()
         files = [open(r, encoding="utf-8") for r in runs]
@@ -400,11 +491,12 @@ def _merge_runs(shards, path, out_dir, run_records):
     return {"records": records, "failed": failed, "shards": len(shards), "damaged_lines": damaged}
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Input accounting for the command line
 
 def count_samples(files):
-    """Total for the progress bar when it is cheap: lines of CSV/JSONL, img2dataset's *_stats.json for tars."""
+    """Total for the progress bar when it is cheap: lines of CSV/JSONL, img2dataset's *_stats.json
+    for tars."""
     total = 0
     for f in files:
         if f.endswith(".tar"):
@@ -420,8 +512,9 @@ def count_samples(files):
 
 
 def bad_file_reporter(errors_path):
-    """report_bad(path, error) for the readers: a line on stderr and a JSONL record in errors_path. A run reads
-    all its input again, so the file starts empty: it lists this run's unreadable files."""
+    """report_bad(path, error) for the readers: a line on stderr and a JSONL record in errors_path.
+    A run reads all its input again, so the file starts empty: it lists this run's unreadable
+    files."""
     if os.path.exists(errors_path):
         os.remove(errors_path)
 

@@ -1,11 +1,11 @@
 """
-Time and peak memory of `parse_tags.py merge` and `vocab` on synthetic records (CC12M-like: 9-digit keys spread
-over shards, a few object and attribute tags each from a Zipf-like vocabulary, 1% failures), the streaming code
-vs the in-memory code before it (parse_tags.py at commit BASELINE, read with `git show`). Each stage runs in its
-own process so that its peak RSS (ru_maxrss) is its own.
+Time and peak memory of `parse_tags.py merge` and `vocab` on synthetic records (CC12M-like: 9-digit
+keys spread over shards, a few object and attribute tags each from a Zipf-like vocabulary, 1%
+failures), the streaming code vs the in-memory code (parse_tags.py at commit BASELINE, read with
+`git show`). Each stage runs in its own process so that its peak RSS (ru_maxrss) is its own.
 
 Run:
-    python benchmarks/bench_parse_merge.py                     # 3 M records, 8 shards, both implementations
+    python benchmarks/bench_parse_merge.py          # 3 M records, 8 shards, both implementations
     python benchmarks/bench_parse_merge.py --records 1000000 --skip-old
 """
 import argparse
@@ -19,18 +19,19 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINE = "25d2490"  # the last commit with the in-memory merge and vocab
+BASELINE = "25d2490"  # a commit whose parse_tags.py merges and builds the vocab in memory
 
 
 def make_records(folder, n, shards, seed=0):
-    """n synthetic records in parsed.{i}-of-{shards}.jsonl, keys interleaved over the shards as by-row sharding
-    would leave them (so the merge has to interleave them back)."""
+    """n synthetic records in parsed.{i}-of-{shards}.jsonl, keys interleaved over the shards as
+    by-row sharding would leave them (so the merge has to interleave them back)."""
     rng = random.Random(seed)
     objects = [f"object{i}" for i in range(20000)]
     attributes = [f"attr{i}" for i in range(5000)]
     weights_o = [1 / (i + 1) for i in range(len(objects))]
     weights_a = [1 / (i + 1) for i in range(len(attributes))]
-    files = [open(os.path.join(folder, f"parsed.{i}-of-{shards}.jsonl"), "w", encoding="utf-8") for i in range(shards)]
+    files = [open(os.path.join(folder, f"parsed.{i}-of-{shards}.jsonl"), "w", encoding="utf-8")
+             for i in range(shards)]
     block = 10000  # draw tags in blocks: random.choices per record would dominate the set-up time
     for start in range(0, n, block):
         m = min(block, n - start)
@@ -42,7 +43,8 @@ def make_records(folder, n, shards, seed=0):
             if i % 100 == 7:
                 rec.update(error="after retry: not 'objects | attributes'", raw="cat, dog")
             else:
-                rec.update(objects=objs[4 * j:4 * j + 1 + i % 4], attributes=attrs[2 * j:2 * j + i % 3])
+                rec.update(objects=objs[4 * j:4 * j + 1 + i % 4],
+                           attributes=attrs[2 * j:2 * j + i % 3])
             files[i % shards].write(json.dumps(rec, ensure_ascii=False) + "\n")
     for f in files:
         f.close()
@@ -52,7 +54,8 @@ def stage(impl, name, folder):
     """Run one stage in this process and print its time and peak RSS as JSON."""
     if impl == "old":
         import importlib.util
-        spec = importlib.util.spec_from_file_location("parse_tags_old", os.path.join(folder, "..", "parse_tags_old.py"))
+        spec = importlib.util.spec_from_file_location(
+            "parse_tags_old", os.path.join(folder, "..", "parse_tags_old.py"))
         module = importlib.util.module_from_spec(spec)
         sys.path.insert(0, ROOT)
         spec.loader.exec_module(module)
@@ -62,12 +65,14 @@ def stage(impl, name, folder):
     t0 = time.perf_counter()
     result = module.merge(folder) if name == "merge" else module.build_vocab(folder)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"seconds": seconds,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "result": result}))
 
 
 def main():
-    parser = argparse.ArgumentParser(description="merge/vocab time and peak RSS, streaming vs in-memory")
+    parser = argparse.ArgumentParser(
+        description="merge/vocab time and peak RSS, streaming vs in-memory")
     parser.add_argument("--records", type=int, default=3_000_000, help="synthetic records")
     parser.add_argument("--shards", type=int, default=8, help="parsed.{i}-of-{n}.jsonl files")
     parser.add_argument("--skip-old", action="store_true", help="measure only the streaming code")
@@ -80,25 +85,28 @@ def main():
         t0 = time.perf_counter()
         impls = ["new"] if args.skip_old else ["old", "new"]
         if "old" in impls:
-            source = subprocess.run(["git", "-C", ROOT, "show", f"{BASELINE}:parse_tags.py"], capture_output=True,
-                                    text=True, check=True).stdout
+            source = subprocess.run(["git", "-C", ROOT, "show", f"{BASELINE}:parse_tags.py"],
+                                    capture_output=True, text=True, check=True).stdout
             with open(os.path.join(tmp, "parse_tags_old.py"), "w") as f:
                 f.write(source)
         for impl in impls:
             os.makedirs(os.path.join(tmp, impl))
             make_records(os.path.join(tmp, impl), args.records, args.shards)
-        size = sum(os.path.getsize(os.path.join(tmp, "new", f)) for f in os.listdir(os.path.join(tmp, "new")))
+        size = sum(os.path.getsize(os.path.join(tmp, "new", f))
+                   for f in os.listdir(os.path.join(tmp, "new")))
         print(f"{args.records:,} synthetic records in {args.shards} shards, {size / 1e6:.0f} MB "
               f"(made in {time.perf_counter() - t0:.0f} s)")
         outputs = {}
         for impl in impls:
             for name in ("merge", "vocab"):
-                r = subprocess.run([sys.executable, __file__, "--stage", impl, name, os.path.join(tmp, impl)],
-                                   capture_output=True, text=True)
+                r = subprocess.run(
+                    [sys.executable, __file__, "--stage", impl, name, os.path.join(tmp, impl)],
+                    capture_output=True, text=True)
                 if r.returncode != 0:
                     sys.exit(f"{impl} {name} failed:\n{r.stderr}")
                 m = json.loads(r.stdout.strip().splitlines()[-1])
-                print(f"{impl:>3} {name:<5}: {m['seconds']:7.1f} s, {m['seconds'] / args.records * 1e6:5.1f} us/record, "
+                print(f"{impl:>3} {name:<5}: {m['seconds']:7.1f} s, "
+                      f"{m['seconds'] / args.records * 1e6:5.1f} us/record, "
                       f"peak RSS {m['peak_rss_mb']:7.0f} MB  {m['result']}")
             with open(os.path.join(tmp, impl, "parsed.jsonl"), "rb") as f:
                 outputs[impl] = (f.read(), json.load(open(os.path.join(tmp, impl, "vocab.json"))))

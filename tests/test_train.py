@@ -66,9 +66,9 @@ def write_labels(folder, items, untagged=()):
     with open(os.path.join(folder, "parsed.0-of-1.jsonl"), "w") as f:
         for key, _, caption in items:
             words = caption.split()
-            rec = {"key": key, "h": key, "objects": [words[2]], "attributes": [words[1]]}
+            rec = {"key": key, "h": parse_io.caption_hash(caption), "objects": [words[2]], "attributes": [words[1]]}
             if key in untagged:
-                rec = {"key": key, "h": key, "error": "after retry: not JSON", "raw": ""}
+                rec = {"key": key, "h": parse_io.caption_hash(caption), "error": "after retry: not JSON", "raw": ""}
             f.write(json.dumps(rec) + "\n")
     parse_io.merge(folder)
     parse_tags.build_vocab(folder)
@@ -625,10 +625,11 @@ def test_a_patch_14_backbone_trains_and_segments_with_its_own_defaults(setup, tm
 
     model = tagalign.load_model(str(tmp_path / "run" / "ckpt.pt"), str(tmp_path / "renamed.pt"))
     assert model.clip.cfg.quick_gelu and model.clip.activation == "QuickGELU (recorded in the TagAlign checkpoint)"
-    # a checkpoint from before the field existed was trained with QuickGELU (the only activation then)
-    old = {k: v for k, v in ckpt.items() if k != "clip_quick_gelu"}
-    torch.save(old, tmp_path / "old.pt")
-    assert tagalign.load_model(str(tmp_path / "old.pt"), str(tmp_path / "renamed.pt")).clip.cfg.quick_gelu
+    # a checkpoint that does not record the activation is refused, not guessed
+    unrecorded = {k: v for k, v in ckpt.items() if k != "clip_quick_gelu"}
+    torch.save(unrecorded, tmp_path / "unrecorded.pt")
+    with pytest.raises(ValueError, match="not a TagAlign checkpoint of train.py"):
+        tagalign.load_model(str(tmp_path / "unrecorded.pt"), str(tmp_path / "renamed.pt"))
     # the tag embedding cache knows the activation: the same weights with GELU are embedded afresh
     cache = str(tmp_path / "run" / "tag_embeddings_objects.pt")
     cached = torch.load(cache, weights_only=True)["embeddings"]
