@@ -107,6 +107,7 @@ def results_figure(out, table, path, images=4):
                 # background is never a prompt
                 text = tagalign.text_embeddings(model.clip, classes[1:])
                 pred, _ = tagalign.segment(tagalign.feature_fn(model), photo, text, clip_weight=0,
+                                           patch=model.clip.visual.patch_size,
                                            bg_threshold=BG_THRESHOLD, window=WINDOW, stride=STRIDE,
                                            short_side=WINDOW)
                 tiles.append(pred)
@@ -249,7 +250,8 @@ def evaluate_stages(args, out, py, tests, t_start):
 
     summary = {f"{view} {when}": round(v, 2) for (view, when), v in table.items()}
     summary["minutes"] = round((time.time() - t_start) / 60, 1)
-    json.dump(summary, open(f"{out}/summary.json", "w"), indent=1)
+    with open(f"{out}/summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
     print(f"\nheld-out mIoU ({tests} images; chance = uniformly random labels)")
     print(f"{'classes':26s} {'chance':>8s} {'untrained':>10s} {'trained':>8s}")
     for view, what in (("colours", "colours (attribute tags)"), ("shapes", "shapes (object tags)")):

@@ -330,7 +330,8 @@ def evaluate_methods(name, methods, embed_texts, args, rank=0, world=1, save_dir
         pixels = pil_to_tensor(img).to(text.device)  # uint8, moved once for all methods
         preds = {}
         for m, (method, features) in enumerate(methods.items()):
-            pred, _ = tagalign.segment(features, pixels, text, window_batch=args.window_batch, **kw)
+            pred, _ = tagalign.segment(features, pixels, text, window_batch=args.window_batch,
+                                       patch=args.patch_size, **kw)
             pred = pred.cpu()
             if pred.shape != gt.shape:  # shrunk image: prediction back to the label size (nearest)
                 # an image that was not shrunk has a label of its size, or the label is a wrong file
@@ -373,7 +374,7 @@ def save_prediction(folder, name, img_path, img, preds, gt, classes, ignore, has
     methods stand side by side on the same image."""
     from PIL import Image
     import figures
-    colours = figures.label_colours(len(classes), background=has_background)
+    colours = figures.colours_for(classes, background=has_background)  # 'blue' drawn blue
     valid = gt != ignore
     tiles = [(img.resize(gt.shape[::-1], Image.BILINEAR), "photo"), (gt, "ground truth")]
     present = set(gt[valid].unique().tolist())
@@ -558,7 +559,7 @@ def evaluate_refer_methods(name, methods, embed_expressions, args, rank=0, world
             text = embed_expressions(sentences)
             pixels = pil_to_tensor(img).to(text.device)  # uint8, moved once for all methods
             for m, features in enumerate(methods.values()):
-                _, scores = tagalign.segment(features, pixels, text,
+                _, scores = tagalign.segment(features, pixels, text, patch=args.patch_size,
                                              window_batch=args.window_batch, **kw)
                 lo = scores.flatten(1).min(1).values.view(-1, 1, 1)
                 hi = scores.flatten(1).max(1).values.view(-1, 1, 1)
@@ -764,13 +765,6 @@ def report(header, rows, s):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate TagAlign (or a training-free baseline) "
                                             "on the benchmarks")
-    p.add_argument("--checkpoint", default=None,
-                   help="TagAlign checkpoint (train.py); omitted: untrained = CLIP Surgery")
-    p.add_argument("--clip", default=None,
-                   help="CLIP checkpoint path or name (default: the checkpoint's, else ViT-B/16)")
-    p.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS),
-                   help=clip_model.ACTIVATION_HELP
-                   + "; with --checkpoint, auto = the activation it was trained with")
     p.add_argument("--methods", default=None,
                    help="comma-separated feature sources, scored on the same decoded images and "
                         "printed as one table: tagalign (needs --checkpoint beside others), "
@@ -778,10 +772,6 @@ def parse_args(argv=None):
                         "'baselines' (all of these) or 'all' (tagalign and the baselines)")
     p.add_argument("--method", default=None,
                    help="one feature source: the same as --methods NAME (default tagalign)")
-    p.add_argument("--surgery-layers", type=int, default=None,
-                   help="CLIP Surgery blocks of tagalign (untrained) and of the surgery baseline "
-                   "(default: the last half of the CLIP's; with --checkpoint, the checkpoint's, "
-                   "and a different value is an error)")
     p.add_argument("--dist-timeout", type=float, default=60,
                    help="minutes a process may wait in a collective for the others (NCCL's default "
                         "is 10): the first process of a node downloads the CLIP while the others "
@@ -792,22 +782,8 @@ def parse_args(argv=None):
                    help="comma-separated datasets, or 'all' (the ten) or 'refer'")
     p.add_argument("--data-root", required=True,
                    help="folder holding the datasets' folders (see the docstring)")
-    p.add_argument("--rule", default="v3", choices=["v3", "v1"],
-                   help="evaluation rule (docs/evaluation.md)")
-    p.add_argument("--clip-weight", type=float, default=0.5, help="weight a of raw CLIP in rule v3")
-    p.add_argument("--bg-threshold", type=float, default=None,
-                   help="override the dataset's background threshold")
-    p.add_argument("--stride", type=int, default=None, help="override the dataset's window stride")
-    p.add_argument("--window", type=int, default=None,
-                   help="sliding window size, a multiple of the patch size (default: twice the "
-                        "CLIP's input size, 448 for ViT-B/16; 672 for ViT-L/14@336px)")
-    p.add_argument("--short-side", type=int, default=None,
-                   help="resize images so their short side is this (default: the default window)")
     p.add_argument("--window-batch", type=int, default=16, help="windows per forward")
-    p.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"],
-                   help="prompt templates")
-    p.add_argument("--pamr", action="store_true",
-                   help="PAMR post-processing (the paper's 'Post' rows)")
+    tagalign.add_inference_flags(p, per_dataset=True)
     p.add_argument("--ref-threshold", type=float, default=0.5,
                    help="RefCOCO: threshold on the min-max normalised map")
     p.add_argument("--limit", type=int, default=0,

@@ -28,8 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from labels import input_files
-from parse_io import bad_file_reporter
-from parse_tags import default_threads
+from parse_io import bad_file_reporter, default_threads
 
 
 # First-row words that mark a header in a one-column tag list (with several columns, a non-number
@@ -499,8 +498,9 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     header = csv_info["header"]
     skipped = f"header row {_preview(header)} skipped" if header else \
         f"no header row (the first row is tag {index_base})"
-    log(f"{tags_path}: {K:,} tags from column {csv_info['column']}; {skipped}"
-        f" ({'decided by --tags-header' if tags_header != 'auto' else 'guessed; --tags-header yes|no overrides'});"
+    how = "decided by --tags-header" if tags_header != "auto" else \
+        "guessed; --tags-header yes|no overrides"
+    log(f"{tags_path}: {K:,} tags from column {csv_info['column']}; {skipped} ({how});"
         f" tags {index_base}.. {_preview(names, 3)}, last tag ({K - 1 + index_base}) {names[-1]!r}")
     os.makedirs(out_dir, exist_ok=True)
     keys, width, hashes, rows, counts = read_shard_urls(shard_files, report_bad, workers)

@@ -9,18 +9,26 @@ samples loads in seconds.
     from labels import LabelTable
     table = LabelTable("tags/labels.pt"); objects, attributes = table.get("000001234")
 """
+import contextlib
 import glob
-import io
 import json
 import os
 import re
-import sys
-from array import array
-from collections import Counter
 
-from parse_io import read_records
-from tag_rules import normalize_tags
 
+
+@contextlib.contextmanager
+def replaced(path, mode="w"):
+    """Write `path` through a temporary file that is renamed over it when the block ends without an
+    error: a crash leaves the old file (or none), never half a file. Yields the open file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def expand_braces(pattern):
@@ -60,10 +68,8 @@ def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
     old file, never half a file) and return the labels table. keys: sorted int64 tensor of
     fixed-width digit keys (key_width digits) or one '\\n'-joined string (key_width 0);
     offsets/indices: {kind: int64 / int32 tensor}, CSR rows in key order."""
-    path = os.path.join(out_dir, "vocab.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
+    with replaced(os.path.join(out_dir, "vocab.json")) as f:
         json.dump(vocab, f, ensure_ascii=False, indent=1)
-    os.replace(path + ".tmp", path)
     table = {"num_samples": vocab["num_samples"], "vocab_size": {},
              "tags": {kind: [e["tag"] for e in vocab[kind]] for kind in ("objects", "attributes")},
              "keys": keys, "key_width": key_width}
@@ -72,9 +78,8 @@ def save_labels(out_dir, vocab, keys, key_width, offsets, indices):
         table[kind + "_indices"] = indices[kind]
     # here and in LabelTable: parsing imports this file and does not need torch's ~400 MB
     import torch
-    path = os.path.join(out_dir, "labels.pt")
-    torch.save(table, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    with replaced(os.path.join(out_dir, "labels.pt"), "wb") as f:
+        torch.save(table, f)
     return table
 
 
@@ -121,100 +126,3 @@ class LabelTable:
             return None
         return tuple(self.indices[k][self.offsets[k][i]:self.offsets[k][i + 1]].long()
                      for k in ("objects", "attributes"))
-
-
-# --------------------------------------------------------------------------------------------------
-# Vocabulary and labels
-
-def read_tag_list(path):
-    """A tag list, one tag a line (e.g. Tag2Text's 4,585 tags), for `vocab --restrict-to`: each
-    entry as normalize_tags makes an object and an attribute of it (lower case, articles dropped,
-    the last word singular, a leading describing word split off), so that it names the parsed tags
-    the way the parser would.
-    Returns {entry: the normalised tags it allows}."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--restrict-to {path} not found (one tag a line)")
-    with open(path, encoding="utf-8") as f:
-        entries = [line.strip() for line in f if line.strip()]
-    tags = {}
-    for entry in entries:
-        objects, attributes = normalize_tags([entry], [entry])
-        tags[entry] = set(objects) | set(attributes)
-    if not any(tags.values()):
-        raise ValueError(f"--restrict-to {path} holds no tag")
-    return tags
-
-
-def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=None):
-    """Top-K objects and attributes by the number of samples that have them (ties alphabetical) ->
-    vocab.json; per-sample label indices -> labels.pt. Failed samples are kept with no tags
-    (train.py still uses them for the contrastive loss). restrict_to: a tag list file
-    (read_tag_list); only tags on it are candidates (paper Table 4's Tag2Text rows). Streams
-    parsed.jsonl twice (counts, then indices into compact arrays), so memory is the vocabulary plus
-    a few bytes a tag, not Python objects per record."""
-    import torch  # here, not at the top: parsing (the LLM loop) does not need torch's ~400 MB
-    listed = read_tag_list(restrict_to) if restrict_to else None
-    allowed = set().union(*listed.values()) if listed else None
-    path = os.path.join(out_dir, "parsed.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
-    counts = {"objects": Counter(), "attributes": Counter()}
-    n, width, numeric, last = 0, None, True, None
-    objects, attributes = counts["objects"], counts["attributes"]
-    for rec in read_records(path):
-        key = rec["key"]
-        # merge's order is that of the JSON-escaped keys; it equals plain string order unless a key
-        # holds a quote, backslash or control character, so the escaped forms are compared only when
-        # plain order fails
-        if last is not None and key <= last and \
-                json.dumps(key, ensure_ascii=False) <= json.dumps(last, ensure_ascii=False):
-            raise ValueError(f"{path} is not sorted by key with unique keys (at {key!r}); "
-                             "rebuild it with `parse_tags.py merge`")
-        last = key
-        if numeric:
-            numeric = key.isdigit() and (width is None or len(key) == width)
-            width = len(key) if width is None else width
-        n += 1
-        objects.update(set(rec.get("objects", ())))
-        attributes.update(set(rec.get("attributes", ())))
-    if n == 0:
-        raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
-    vocab = {}
-    for kind, k in (("objects", num_objects), ("attributes", num_attributes)):
-        candidates = [kv for kv in counts[kind].items() if allowed is None or kv[0] in allowed]
-        top = sorted(candidates, key=lambda kv: (-kv[1], kv[0]))[:k]
-        vocab[kind] = [{"tag": t, "count": c, "freq": c / n} for t, c in top]
-    vocab["num_samples"] = n
-    if listed:  # which list, and how much of it the parsed tags use (a list that misses says so)
-        used = {e["tag"] for kind in ("objects", "attributes") for e in vocab[kind]}
-        vocab["restricted_to"] = {"file": os.path.abspath(restrict_to), "entries": len(listed),
-                                  "entries_used": sum(bool(t & used) for t in listed.values())}
-        print(f"--restrict-to {restrict_to}: {vocab['restricted_to']['entries_used']:,} of "
-              f"{len(listed):,} entries are among the tags kept", file=sys.stderr)
-    del counts
-
-    # img2dataset keys are fixed-width digits (strings sort as the numbers do): an int64 tensor
-    # (searchsorted) instead of 12 M Python strings
-    index = {kind: {e["tag"]: i for i, e in enumerate(vocab[kind])}
-             for kind in ("objects", "attributes")}
-    offsets = {kind: array("q", [0]) for kind in index}
-    indices = {kind: array("i") for kind in index}
-    int_keys, str_keys = array("q"), io.StringIO()
-    kinds = [(index[kind], indices[kind], offsets[kind], kind) for kind in index]
-    ends = {kind: 0 for kind in index}
-    for i, rec in enumerate(read_records(path)):
-        if numeric:
-            int_keys.append(int(rec["key"]))
-        else:
-            str_keys.write(("\n" if i else "") + rec["key"])
-        for lookup, idx, offs, kind in kinds:
-            ids = [lookup[t] for t in rec.get(kind, ()) if t in lookup]
-            idx.extend(ids)
-            ends[kind] += len(ids)
-            offs.append(ends[kind])
-    keys = to_tensor(int_keys, torch.int64) if numeric else str_keys.getvalue()
-    table = save_labels(out_dir, vocab, keys, width if numeric else 0,
-                        {kind: to_tensor(offsets[kind], torch.int64) for kind in index},
-                        {kind: to_tensor(indices[kind], torch.int32) for kind in index})
-    return {"samples": n, "objects": len(vocab["objects"]), "attributes": len(vocab["attributes"]),
-            "samples_with_objects": int((table["objects_offsets"].diff() > 0).sum())}

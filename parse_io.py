@@ -9,6 +9,7 @@ import csv
 import glob
 import hashlib
 import heapq
+import io
 import json
 import os
 import queue
@@ -18,11 +19,23 @@ import sys
 import tarfile
 import tempfile
 import threading
+from array import array
 from collections import Counter
 
 import numpy as np
 
-from tag_rules import parse_answer, prepare_caption, rules_version
+from labels import replaced
+from tag_rules import normalize_tags, parse_answer, prepare_caption, rules_version
+
+
+def default_threads():
+    """The cores this process may run on (its CPU affinity: taskset, a Slurm/cgroup allocation), not
+    the host's count, so that several --shard processes pinned to parts of a host do not
+    oversubscribe it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def read_samples(path, key_column=None, caption_column="caption", has_header=True,
@@ -272,9 +285,8 @@ def check_settings(path, settings, what):
                                    f"({'; '.join(changed)}); mixing them would give one vocabulary "
                                    f"two meanings: {fix}")
     else:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        with replaced(path) as f:
             json.dump(settings, f, indent=1)
-        os.replace(path + ".tmp", path)
 
 
 CUT = "answer cut at"
@@ -313,8 +325,7 @@ def rederive(samples, out_dir, shard=0, num_shards=1):
                          f"(e.g. {lost[:3]}); pass the parse's --input, reading flags and --shard, "
                          "or parse those again")
     stats = Counter(records=len(records))
-    tmp = path + ".rederive"
-    with open(tmp, "w", encoding="utf-8") as out:
+    with replaced(path) as out:
         for rec in records:
             if answered(rec):
                 try:
@@ -330,10 +341,8 @@ def rederive(samples, out_dir, shard=0, num_shards=1):
             else:
                 stats["kept"] += 1  # no answer to read again: an empty caption, a cut answer
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    with open(settings_path + ".tmp", "w", encoding="utf-8") as f:
+    with replaced(settings_path) as f:
         json.dump({**settings, "rules": rules_version()}, f, indent=1)
-    os.replace(settings_path + ".tmp", settings_path)
     return dict(stats)
 
 
@@ -474,7 +483,7 @@ def _merge_runs(shards, path, out_dir, run_records):
         files = [open(r, encoding="utf-8") for r in runs]
         records = failed = 0
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as out:
+            with replaced(path) as out:
                 last = None
                 for line in heapq.merge(*files):
                     key, flag, record = line.split("\t", 2)
@@ -487,7 +496,6 @@ def _merge_runs(shards, path, out_dir, run_records):
         finally:
             for f in files:
                 f.close()
-    os.replace(path + ".tmp", path)
     return {"records": records, "failed": failed, "shards": len(shards), "damaged_lines": damaged}
 
 
@@ -523,3 +531,101 @@ def bad_file_reporter(errors_path):
         with open(errors_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"file": path, "error": error}) + "\n")
     return report_bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary and labels
+
+def read_tag_list(path):
+    """A tag list, one tag a line (e.g. Tag2Text's 4,585 tags), for `vocab --restrict-to`: each
+    entry as normalize_tags makes an object and an attribute of it (lower case, articles dropped,
+    the last word singular, a leading describing word split off), so that it names the parsed tags
+    the way the parser would.
+    Returns {entry: the normalised tags it allows}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--restrict-to {path} not found (one tag a line)")
+    with open(path, encoding="utf-8") as f:
+        entries = [line.strip() for line in f if line.strip()]
+    tags = {}
+    for entry in entries:
+        objects, attributes = normalize_tags([entry], [entry])
+        tags[entry] = set(objects) | set(attributes)
+    if not any(tags.values()):
+        raise ValueError(f"--restrict-to {path} holds no tag")
+    return tags
+
+
+def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=None):
+    """Top-K objects and attributes by the number of samples that have them (ties alphabetical) ->
+    vocab.json; per-sample label indices -> labels.pt. Failed samples are kept with no tags
+    (train.py still uses them for the contrastive loss). restrict_to: a tag list file
+    (read_tag_list); only tags on it are candidates (paper Table 4's Tag2Text rows). Streams
+    parsed.jsonl twice (counts, then indices into compact arrays), so memory is the vocabulary plus
+    a few bytes a tag, not Python objects per record."""
+    import torch  # here, not at the top: parsing (the LLM loop) does not need torch's ~400 MB
+    from labels import save_labels, to_tensor
+    listed = read_tag_list(restrict_to) if restrict_to else None
+    allowed = set().union(*listed.values()) if listed else None
+    path = os.path.join(out_dir, "parsed.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
+    counts = {"objects": Counter(), "attributes": Counter()}
+    n, width, numeric, last = 0, None, True, None
+    objects, attributes = counts["objects"], counts["attributes"]
+    for rec in read_records(path):
+        key = rec["key"]
+        # merge's order is that of the JSON-escaped keys; it equals plain string order unless a key
+        # holds a quote, backslash or control character, so the escaped forms are compared only when
+        # plain order fails
+        if last is not None and key <= last and \
+                json.dumps(key, ensure_ascii=False) <= json.dumps(last, ensure_ascii=False):
+            raise ValueError(f"{path} is not sorted by key with unique keys (at {key!r}); "
+                             "rebuild it with `parse_tags.py merge`")
+        last = key
+        if numeric:
+            numeric = key.isdigit() and (width is None or len(key) == width)
+            width = len(key) if width is None else width
+        n += 1
+        objects.update(set(rec.get("objects", ())))
+        attributes.update(set(rec.get("attributes", ())))
+    if n == 0:
+        raise FileNotFoundError(f"no records in {path}; run `parse_tags.py merge` first")
+    vocab = {}
+    for kind, k in (("objects", num_objects), ("attributes", num_attributes)):
+        candidates = [kv for kv in counts[kind].items() if allowed is None or kv[0] in allowed]
+        top = sorted(candidates, key=lambda kv: (-kv[1], kv[0]))[:k]
+        vocab[kind] = [{"tag": t, "count": c, "freq": c / n} for t, c in top]
+    vocab["num_samples"] = n
+    if listed:  # which list, and how much of it the parsed tags use (a list that misses says so)
+        used = {e["tag"] for kind in ("objects", "attributes") for e in vocab[kind]}
+        vocab["restricted_to"] = {"file": os.path.abspath(restrict_to), "entries": len(listed),
+                                  "entries_used": sum(bool(t & used) for t in listed.values())}
+        print(f"--restrict-to {restrict_to}: {vocab['restricted_to']['entries_used']:,} of "
+              f"{len(listed):,} entries are among the tags kept", file=sys.stderr)
+    del counts
+
+    # img2dataset keys are fixed-width digits (strings sort as the numbers do): an int64 tensor
+    # (searchsorted) instead of 12 M Python strings
+    index = {kind: {e["tag"]: i for i, e in enumerate(vocab[kind])}
+             for kind in ("objects", "attributes")}
+    offsets = {kind: array("q", [0]) for kind in index}
+    indices = {kind: array("i") for kind in index}
+    int_keys, str_keys = array("q"), io.StringIO()
+    kinds = [(index[kind], indices[kind], offsets[kind], kind) for kind in index]
+    ends = {kind: 0 for kind in index}
+    for i, rec in enumerate(read_records(path)):
+        if numeric:
+            int_keys.append(int(rec["key"]))
+        else:
+            str_keys.write(("\n" if i else "") + rec["key"])
+        for lookup, idx, offs, kind in kinds:
+            ids = [lookup[t] for t in rec.get(kind, ()) if t in lookup]
+            idx.extend(ids)
+            ends[kind] += len(ids)
+            offs.append(ends[kind])
+    keys = to_tensor(int_keys, torch.int64) if numeric else str_keys.getvalue()
+    table = save_labels(out_dir, vocab, keys, width if numeric else 0,
+                        {kind: to_tensor(offsets[kind], torch.int64) for kind in index},
+                        {kind: to_tensor(indices[kind], torch.int32) for kind in index})
+    return {"samples": n, "objects": len(vocab["objects"]), "attributes": len(vocab["attributes"]),
+            "samples_with_objects": int((table["objects_offsets"].diff() > 0).sum())}

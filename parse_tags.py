@@ -30,16 +30,14 @@ Run:
 Decoding is batched (BatchTagger: continuous batching over --parallel sequences with llama.cpp's
 low-level API, one grammar state per sequence, the prompt prefix evaluated once); answers are one
 compact line "objects | attributes", normalised and grounded in the caption by pure functions
-(normalize_tags, ground_tags).
+(tag_rules.py).
 
 Files in --out: parsed.{i}-of-{n}.jsonl (append-only, one record per sample key: {"key", "h",
 "objects", "attributes"} or {"key", "h", "error", "raw"}), errors.{i}-of-{n}.jsonl (bad input
 shards), parsed.jsonl (merged), vocab.json (tags with counts and frequencies f_k = samples with tag
 k / samples), labels.pt (per-sample indices, CSR layout: a few bytes per tag, loads in seconds for
-12 M samples). `import` writes the same vocab.json and labels.pt (objects only, in the released
-list's order) and errors.import.jsonl (unreadable shards, .json members and parquet files). Its CSV
-reading and the index's numbering are checked against each other (--tags-header, --tag-column,
---index-base settle what the files leave open).
+12 M samples). `import` (import_tags.py) writes the same vocab.json and labels.pt from the
+authors' released tags.
 """
 import argparse
 import ctypes
@@ -56,10 +54,9 @@ import numpy as np
 from tqdm import tqdm
 
 from labels import input_files
-from labels import build_vocab
-from parse_io import (CompactMap, SettingsMismatch, bad_file_reporter, caption_hash, check_settings,
-                      count_samples, exclusive, fingerprint, merge, open_for_append, prefetched,
-                      read_records, record_at, rederive, shard_samples)
+from parse_io import (CompactMap, SettingsMismatch, bad_file_reporter, build_vocab, caption_hash,
+                      check_settings, count_samples, default_threads, exclusive, fingerprint, merge,
+                      open_for_append, prefetched, read_records, record_at, rederive, shard_samples)
 from tag_rules import (DEFAULT_GROUNDING, GROUNDING, MAX_CAPTION_CHARS, NLTK_DATA, NltkTagger,
                        format_answer, has_letters, parse_answer, prepare_caption, rules_version,
                        singularize)
@@ -123,16 +120,6 @@ def smollm2_path():
         return None
     path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return path if os.path.isfile(path) else None
-
-
-def default_threads():
-    """The cores this process may run on (its CPU affinity: taskset, a Slurm/cgroup allocation), not
-    the host's count, so that several --shard processes pinned to parts of a host do not
-    oversubscribe it."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def example_messages(as_json=False):

@@ -13,9 +13,11 @@ rules without the LLM; rules_version() names the rules a record was made under.
 import ast
 import hashlib
 import html
+import io
 import json
 import os
 import re
+import tokenize
 
 # longer captions are cut (at a word boundary) to keep the prompt inside the context
 MAX_CAPTION_CHARS = 600
@@ -433,20 +435,30 @@ class NltkTagger:
 
 
 def rules_version():
-    """A hash of the tag rules: this file's code (its syntax tree without docstrings: comments and
-    docstrings do not count) and the word lists as they are now. Recorded with the records, so that
-    a rule change is not mixed into a run silently (`rederive` applies today's rules to the stored
-    raw answers instead)."""
+    """A hash of the tag rules: this file's code lines (comments, docstrings, blank space and the
+    NLTK tagger left out, so that a comment edit keeps it, on every Python version) and the word
+    lists as they are now. Recorded with the records, so that a rule change is not mixed into a run
+    silently (`rederive` applies today's rules to the stored raw answers instead)."""
     with open(os.path.abspath(__file__), encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
+        source = f.read()
+    skip = set()  # lines of docstrings and of NltkTagger
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == "NltkTagger":
+            skip.update(range(node.lineno, node.end_lineno + 1))
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) \
-                and isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            skip.update(range(body[0].lineno, body[0].end_lineno + 1))
+    lines = source.splitlines()
+    for tok in reversed(list(tokenize.generate_tokens(io.StringIO(source).readline))):
+        if tok.type == tokenize.COMMENT:  # the same positions on every Python version
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col]
+    code = [" ".join(line.split()) for i, line in enumerate(lines, 1) if i not in skip]
+    code = [line for line in code if line]
     words = {k: sorted(v) if isinstance(v, (set, frozenset)) else v
              for k, v in sorted(globals().items())
              if k.isupper() and isinstance(v, (set, frozenset, dict, tuple))}
-    text = json.dumps([ast.dump(tree), words], sort_keys=True)
+    text = json.dumps([code, words], sort_keys=True)
     return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()

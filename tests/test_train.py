@@ -185,7 +185,7 @@ def test_multi_hot():
     assert out.tolist() == [[1, 0, 1], [0, 0, 0], [0, 1, 0]]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~1 min of compilation; --compile is off by default
 def test_torch_compile_matches_eager_and_saves_the_unwrapped_model(setup, tmp_path):
     train.main(base_args(setup, tmp_path / "eager"))
     train.main(base_args(setup, tmp_path / "compiled") + ["--compile"])
