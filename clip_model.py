@@ -24,6 +24,7 @@ What is in here (paper references are to arXiv 2312.14149 unless said otherwise)
   TagAlign's dense input (Sec. 3.2).
 """
 import argparse
+import contextlib
 import gzip
 import hashlib
 import html
@@ -596,6 +597,21 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def replaced(path, mode="wb", suffix=".tmp"):
+    """Write `path` through a temporary file of this process (several ranks may write at once),
+    renamed over it when the block ends without an error: a crash or an error leaves the old file
+    (or none), never half a file. Yields the open file."""
+    tmp = f"{path}{suffix}{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def download_file(url, target, sha256=None):
     """Fetch url to target with a tqdm progress bar (via target.part, renamed when complete and, if
     sha256 is given, verified). An existing verified file is reused. Offline: one clear line saying
@@ -607,26 +623,24 @@ def download_file(url, target, sha256=None):
               file=sys.stderr)
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    # one per process: several ranks may fetch at once on a fresh node
-    tmp = f"{target}.part{os.getpid()}"
     try:
-        with urllib.request.urlopen(url, timeout=30) as src, open(tmp, "wb") as dst:
-            total = int(src.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024,
-                      desc=os.path.basename(target)) as bar:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    dst.write(chunk)
-                    bar.update(len(chunk))
+        with replaced(target, suffix=".part") as dst:  # renamed only once complete and verified
+            with urllib.request.urlopen(url, timeout=30) as src:
+                total = int(src.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024,
+                          desc=os.path.basename(target)) as bar:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+            dst.flush()
+            if sha256 is not None and file_sha256(dst.name) != sha256:
+                raise ValueError(f"downloaded {os.path.basename(target)} does not match its "
+                                 f"SHA-256 {sha256}; try again")
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
     except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise RuntimeError(f"could not download {url} ({e}); download it by hand and put it at "
                            f"{target}") from None
-    if sha256 is not None and file_sha256(tmp) != sha256:
-        os.remove(tmp)
-        raise RuntimeError(f"downloaded {os.path.basename(target)} does not match its SHA-256 "
-                           f"{sha256}; try again")
-    os.replace(tmp, target)
     return target
 
 

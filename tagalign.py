@@ -2,7 +2,8 @@
 TagAlign: the projector on frozen CLIP Surgery features, its losses, and dense open-vocabulary
 inference.
 
-Run it on one image (writes --out-dir/figure.png: the labels over the photo and a heatmap per query):
+Run it on one image (writes --out-dir/figure.png: the labels over the photo, a heatmap per
+query):
     python tagalign.py --checkpoint ckpt.pt --image photo.jpg --queries "brown cat,dog"
     python tagalign.py --image photo.jpg --queries "brown cat,dog"
         # no checkpoint: raw CLIP Surgery
@@ -166,11 +167,10 @@ class TagAlign(nn.Module):
 
 
 def save_atomically(obj, path):
-    """torch.save through a temporary file renamed over `path`: a crash leaves the old file, never
-    half a file (a resume or a cache must not read a torn one)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through clip_model.replaced: a crash leaves the old file, never half a file (a
+    resume or a cache must not read a torn one)."""
+    with clip_model.replaced(path) as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(path, model: TagAlign, clip_name, **extra):

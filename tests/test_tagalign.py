@@ -516,6 +516,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path, tiny_clip):
         tagalign.load_checkpoint(path, clip=other)
 
 
+@pytest.mark.slow  # ~10 s: two full runs; the demo test runs this command and checks its figure
 def test_command_line_writes_overlay_and_heatmaps(tmp_path, tiny_state_dict, tiny_clip):
     from PIL import Image
     torch.save(tiny_state_dict, tmp_path / "clip.pt")
