@@ -62,11 +62,14 @@ JSON_SYSTEM_PROMPT = (
     "skip abstract words, actions, names of people, brands and places that cannot be seen; answer "
     "with JSON only.")
 
+
 class LlamaTagger:
     """The natural one-caption-at-a-time loop, the baseline the benchmark compares against:
     llama-cpp-python's chat completion (the model's chat template, or e.g. 'vicuna'), temperature 0,
     the answer constrained to the JSON schema. The fixed prompt prefix stays in llama.cpp's KV cache
-    between captions (llama-cpp-python reuses the longest matching prefix)."""
+    between captions (llama-cpp-python reuses the longest matching prefix). `generated` counts the
+    tokens it generates."""
+    generated = 0
 
     def __init__(self, model_path, chat_format=None, n_ctx=2048, n_threads=None, seed=0,
                  n_gpu_layers=0):
@@ -86,6 +89,7 @@ class LlamaTagger:
             max_tokens=256 if strict else 128, repeat_penalty=1.3 if strict else 1.0,
             response_format={"type": "json_object",
                              "schema": STRICT_SCHEMA if strict else ANSWER_SCHEMA})
+        self.generated += out["usage"]["completion_tokens"]
         return out["choices"][0]["message"]["content"] or ""
 
 
@@ -121,20 +125,6 @@ def precision_recall(pairs):
         found += sum(any(p in e for p in pred) for e in exp)
         predicted, expected = predicted + len(pred), expected + len(exp)
     return correct / max(predicted, 1), found / max(expected, 1)
-
-
-class CountingTagger(LlamaTagger):
-    """The natural loop, counting the tokens it generates."""
-    generated = 0
-
-    def __call__(self, caption, strict=False):
-        out = self.llm.create_chat_completion(
-            self.prefix + [{"role": "user", "content": caption}], temperature=0.0,
-            max_tokens=256 if strict else 128, repeat_penalty=1.3 if strict else 1.0,
-            response_format={"type": "json_object",
-                             "schema": STRICT_SCHEMA if strict else ANSWER_SCHEMA})
-        self.generated += out["usage"]["completion_tokens"]
-        return out["choices"][0]["message"]["content"] or ""
 
 
 def score(results, rows):
@@ -187,7 +177,7 @@ def main():
     gpu = args.n_gpu_layers if args.n_gpu_layers is not None else (999 if _gpu() else 0)
 
     t0 = time.perf_counter()
-    natural = CountingTagger(model, args.chat_format, n_threads=threads, n_gpu_layers=gpu)
+    natural = LlamaTagger(model, args.chat_format, n_threads=threads, n_gpu_layers=gpu)
     natural_results = [parse_tags.tag_caption(natural, c) for c in captions]
     natural_s = time.perf_counter() - t0
     natural_tokens = natural.generated / len(captions)
