@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from labels import input_files
+from labels import input_files, save_labels
 from parse_io import bad_file_reporter, default_threads
 
 
@@ -492,7 +492,6 @@ def import_tags(tags_path, index_path, shard_files, out_dir, report_bad, tag_col
     the CSV reading before the long part starts.
     Returns the report (counts)."""
     import torch
-    from labels import save_labels
     names, csv_info = read_tag_names(tags_path, tag_column, tags_header)
     K = len(names)
     header = csv_info["header"]

@@ -104,6 +104,7 @@ class LabelTable:
         self.offsets = {k: t[k + "_offsets"] for k in ("objects", "attributes")}
         self.indices = {k: t[k + "_indices"] for k in ("objects", "attributes")}
         self.numeric = t["key_width"] > 0
+        self.searchsorted = torch.searchsorted  # row() runs per sample: no import there
         self.keys = (t["keys"] if self.numeric
                      else {k: i for i, k in enumerate(t["keys"].split("\n"))})
 
@@ -114,9 +115,8 @@ class LabelTable:
         if self.numeric:
             if not key.isdigit():
                 return None
-            import torch
-            q = torch.tensor([int(key)])
-            i = int(torch.searchsorted(self.keys, q))
+            q = self.keys.new_tensor([int(key)])
+            i = int(self.searchsorted(self.keys, q))
             return i if i < len(self.keys) and self.keys[i] == q[0] else None
         return self.keys.get(key)
 

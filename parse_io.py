@@ -24,7 +24,7 @@ from collections import Counter
 
 import numpy as np
 
-from labels import replaced
+from labels import replaced, save_labels, to_tensor
 from tag_rules import normalize_tags, parse_answer, prepare_caption, rules_version
 
 
@@ -158,9 +158,6 @@ class CompactMap:
             return value
         i = int(np.searchsorted(self.keys, np.uint64(key)))
         return int(self.values[i]) if i < len(self.keys) and self.keys[i] == key else default
-
-    def __contains__(self, key):
-        return self.get(key) is not None
 
     def __setitem__(self, key, value):
         self.recent[key] = value
@@ -563,7 +560,6 @@ def build_vocab(out_dir, num_objects=10000, num_attributes=10000, restrict_to=No
     parsed.jsonl twice (counts, then indices into compact arrays), so memory is the vocabulary plus
     a few bytes a tag, not Python objects per record."""
     import torch  # here, not at the top: parsing (the LLM loop) does not need torch's ~400 MB
-    from labels import save_labels, to_tensor
     listed = read_tag_list(restrict_to) if restrict_to else None
     allowed = set().union(*listed.values()) if listed else None
     path = os.path.join(out_dir, "parsed.jsonl")
